@@ -1,0 +1,144 @@
+"""A LightningDataModule for binarized images held as one in-memory tensor.
+
+The step of this model is tiny (batch 32), so per-item DataLoader work would dominate. Each
+split is one float tensor of grey levels in [0, 1]; a batch is one fancy-indexing op
+(``__getitems__``), moved to the device and binarized there:
+
+* training batches get a fresh Bernoulli draw every time (dynamic binarization, as in the
+  original code);
+* validation/test images are binarized once with a seeded generator, so every evaluation
+  of a run (and of every run with the same ``binarization_seed``) sees the same bits.
+
+Subclasses only implement :meth:`load_splits` (readers and split rules). Datasets with a
+context (struct-MNIST) override :meth:`split_context`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass
+class Batch:
+    """A binarized batch: the modelled pixels x ``[B, Dx]`` and an optional context ``[B, C]``."""
+
+    x: Tensor
+    context: Tensor | None = None
+
+
+class TensorRows(Dataset):
+    """Rows of one tensor; ``__getitems__`` lets the DataLoader fetch a batch in one index op."""
+
+    def __init__(self, data: Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.data[index]
+
+    def __getitems__(self, indices: list[int]) -> Tensor:
+        return self.data[torch.as_tensor(indices)]
+
+
+def _stack(batch: Tensor) -> Tensor:
+    return batch  # __getitems__ already returns the stacked batch
+
+
+class BinarizedDataModule(pl.LightningDataModule):
+    """Base class: in-memory grey-level splits, dynamic train / fixed eval binarization.
+
+    :param data_dir: folder that holds the dataset files (``paths.data_dir``).
+    :param batch_size: training batch size (32 in the paper).
+    :param eval_batch_size: batch size for validation and test.
+    :param binarization_seed: seed of the fixed validation/test binarization.
+    :param train_subset: use only the first N training images (quick experiments, tests).
+    :param eval_subset: use only the first N validation and test images.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        batch_size: int = 32,
+        eval_batch_size: int = 100,
+        binarization_seed: int = 0,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError(f"batch sizes must be positive, got {batch_size}, {eval_batch_size}")
+        self.data_dir = Path(data_dir)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.binarization_seed = binarization_seed
+        self.train_subset, self.eval_subset = train_subset, eval_subset
+        self.num_workers = num_workers
+        self.splits: dict[str, Tensor] = {}
+
+    # -- to implement ------------------------------------------------------------------------
+    def load_splits(self) -> dict[str, Tensor]:
+        """``{"train", "val", "test"}`` -> float32 ``[N, D]`` grey levels in [0, 1]."""
+        raise NotImplementedError
+
+    def split_context(self, images: Tensor) -> Batch:
+        """Split full binarized rows into (x, context); unconditional datasets have none."""
+        return Batch(x=images)
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        splits = self.load_splits()
+        limits = {"train": self.train_subset, "val": self.eval_subset, "test": self.eval_subset}
+        generator = torch.Generator().manual_seed(self.binarization_seed)
+        for name, data in splits.items():
+            if limits[name] is not None:
+                data = data[: limits[name]]
+            if name != "train":  # fixed, seeded binarization for comparable evaluations
+                data = torch.bernoulli(data, generator=generator)
+            self.splits[name] = data.contiguous()
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            TensorRows(self.splits[split]),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            collate_fn=_stack,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Batch:
+        if self.trainer is not None and self.trainer.training:
+            batch = torch.bernoulli(batch)  # dynamic binarization, on the training device
+        return self.split_context(batch)
+
+    # -- what the model needs to know about the data -----------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """Dimensions and training statistics for :class:`dreg.model.VAE`."""
+        self.setup()
+        train = self.splits["train"]
+        example = self.split_context(train[:1])
+        means = self.split_context(train.mean(0, keepdim=True))
+        kwargs: dict[str, Any] = {"data_dim": example.x.shape[1], "train_mean": means.x[0]}
+        if example.context is not None:
+            kwargs.update(context_dim=example.context.shape[1], context_mean=means.context[0])
+        return kwargs

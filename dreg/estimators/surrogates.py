@@ -1,0 +1,101 @@
+"""From estimator coefficients to parameter gradients, with one forward and one backward.
+
+The model pass produces :class:`Particles`; an estimator turns ``particles.log_w`` into
+:class:`~dreg.estimators.base.GradientWeights` ``(m, a, s)``. Each parameter group must get
+its own gradient::
+
+    model (theta)      sum_k m_k d/dtheta log p(x, z_k)
+    inference (phi)    sum_k a_k [d/dz log p(x, z_k) - d/dz log q(z_k; stop phi)] dz_k/dphi
+                     + sum_k s_k [-d/dphi log q(stop z_k; phi)]
+
+:func:`routed_loss` builds one scalar whose single ``backward()`` gives exactly that. The
+decoder sees log p with coefficient m_k. The same backward would send m_k * d log p/dz down
+the reparameterization path, so a gradient hook on ``z_for_p`` (the copy of z that feeds
+log p) rescales that path per sample by a_k / m_k. A second ``backward()`` per forward would
+double the cost and breaks DDP ("marked as ready twice", pytorch#105723).
+
+:func:`surrogate_losses` gives the two losses separately (one autograd graph each); tests use
+them as the reference that the routed gradients must equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dreg.estimators.base import GradientWeights
+
+
+@dataclass
+class Particles:
+    """One model pass over a batch with K samples per data point.
+
+    :ivar log_p: ``[K, B]`` log p(x, z_k) (or log p(x, z_k | c)), computed from ``z_for_p``.
+    :ivar log_q_stopped: ``[K, B]`` log q(z_k; stop(mu), stop(sigma)): z keeps its path.
+    :ivar log_q_stop_z: ``[K, B]`` log q(stop(z_k); mu, sigma): the direct (score) term.
+    :ivar z_for_p: ``[K, B, Dz]`` the alias of z that feeds log p; the routing hook sits here.
+    """
+
+    log_p: Tensor
+    log_q_stopped: Tensor
+    log_q_stop_z: Tensor
+    z_for_p: Tensor
+
+    @property
+    def log_w(self) -> Tensor:
+        """``[K, B]`` detached log-weights log p(x, z_k) - log q(z_k | x)."""
+        return (self.log_p - self.log_q_stopped).detach()
+
+    @property
+    def num_samples(self) -> int:
+        return self.log_p.shape[0]
+
+
+def _objective_surrogates(p: Particles, w: GradientWeights) -> tuple[Tensor, Tensor]:
+    """Per-data-point surrogates ``[B]`` whose gradients are the model / inference gradients."""
+    model_term = (w.model * p.log_p).sum(0)
+    inference_term = (w.path * (p.log_p - p.log_q_stopped) - w.score * p.log_q_stop_z).sum(0)
+    return model_term, inference_term
+
+
+def surrogate_losses(particles: Particles, weights: GradientWeights) -> tuple[Tensor, Tensor]:
+    """``(model_loss, inference_loss)``: differentiate each on its own parameter group only.
+
+    The reference semantics of an estimator (used by tests and diagnostics). Both losses are
+    batch means of negated surrogates, so gradients point downhill for the optimizer.
+    """
+    model_term, inference_term = _objective_surrogates(particles, weights)
+    return -model_term.mean(), -inference_term.mean()
+
+
+def routed_loss(particles: Particles, weights: GradientWeights, train_model: bool = True) -> Tensor:
+    """One scalar whose single backward gives each parameter group its own gradient.
+
+    Decoder/prior parameters receive ``grad(model_loss)``, encoder parameters
+    ``grad(inference_loss)`` of :func:`surrogate_losses`. Registers a gradient hook on
+    ``particles.z_for_p``: call once per forward pass.
+
+    :param train_model: ``False`` when the decoder is frozen: then only the inference
+        gradient matters and the model coefficients are replaced by ones.
+    """
+    path = weights.path
+    if train_model:
+        # Keep m_k away from exact zero so the ratio a_k / m_k is finite. The decoder then
+        # sees at most sqrt(tiny) ~ 1e-19 (float32) extra weight on a sample whose weight
+        # underflowed, far below float resolution of the summed gradient.
+        floor = torch.finfo(weights.model.dtype).tiny ** 0.5
+        model = torch.where(
+            weights.model.abs() < floor, torch.full_like(path, floor), weights.model
+        )
+    else:
+        model = torch.ones_like(path)
+    if particles.z_for_p.requires_grad:
+        ratio = (path / model).unsqueeze(-1)  # [K, B, 1]
+        particles.z_for_p.register_hook(lambda grad: grad * ratio)
+    log_q_terms = (path * particles.log_q_stopped + weights.score * particles.log_q_stop_z).sum(0)
+    loss = -((model * particles.log_p).sum(0) - log_q_terms).mean()
+    if weights.aux_loss is not None:
+        loss = loss + weights.aux_loss
+    return loss

@@ -1,0 +1,117 @@
+"""DReGModule: the VAE trained with a swappable gradient estimator.
+
+One training step = one encoder pass, one decoder pass, one backward. The estimator turns the
+log-weights into per-sample coefficients and :func:`routed_loss` turns those into a scalar
+whose single backward gives the decoder its model gradient and the encoder its inference
+gradient. What is logged is always the estimator's true bound, never a surrogate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from dreg.datamodules.binarized import Batch
+from dreg.estimators import Estimator, GradientWeights, Particles, routed_loss
+from dreg.estimators.ops import iwae_bound
+from dreg.model import VAE
+
+
+class DReGModule(pl.LightningModule):
+    """Lightning wrapper: training with an estimator, evaluation of bounds and log-likelihood.
+
+    :param net: the latent-variable model.
+    :param estimator: the gradient estimator (its ``num_samples`` is K).
+    :param optimizer: a partial optimizer, called with two parameter groups
+        (``model`` then ``inference``).
+    :param eval_num_samples: S of the log-likelihood estimate log (1/S sum_s w_s) (5000).
+    :param eval_chunk_size: samples drawn at once during evaluation (bounds memory).
+    :param antithetic: mirror half of the training noise (eps, -eps).
+    :param train_model: ``False`` freezes the decoder and prior (inference-network-only runs).
+    """
+
+    def __init__(
+        self,
+        net: VAE,
+        estimator: Estimator,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        num_samples: int = 64,
+        eval_num_samples: int = 5000,
+        eval_chunk_size: int = 500,
+        antithetic: bool = False,
+        train_model: bool = True,
+    ) -> None:
+        super().__init__()
+        if estimator.num_samples != num_samples:
+            raise ValueError(
+                f"estimator K={estimator.num_samples} differs from model.num_samples="
+                f"{num_samples}; set the estimator's num_samples to ${{model.num_samples}}"
+            )
+        if eval_num_samples < 1 or eval_chunk_size < 1:
+            raise ValueError(
+                f"eval_num_samples and eval_chunk_size must be >= 1, got {eval_num_samples}, "
+                f"{eval_chunk_size}"
+            )
+        self.save_hyperparameters(ignore=["net", "estimator", "optimizer"])
+        self.net, self.estimator, self.optimizer_factory = net, estimator, optimizer
+        self.num_samples = num_samples
+        self.eval_num_samples, self.eval_chunk_size = eval_num_samples, eval_chunk_size
+        self.antithetic, self.train_model = antithetic, train_model
+        if not train_model:
+            self.net.requires_grad_(True)
+            for p in self.net.model_parameters():
+                p.requires_grad_(False)
+
+    # -- training ----------------------------------------------------------------------------
+    def estimate(self, batch: Batch) -> tuple[Particles, GradientWeights]:
+        """One model pass and the estimator's coefficients for it."""
+        particles = self.net.particles(batch.x, self.num_samples, batch.context, self.antithetic)
+        return particles, self.estimator(particles.log_w)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        particles, weights = self.estimate(batch)
+        loss = routed_loss(particles, weights, train_model=self.train_model)
+        # Tensors, not floats: Lightning reads them only at its logging interval (no sync).
+        self.log("train/objective", weights.objective.mean(), prog_bar=True)
+        self.log("train/iwae_bound", iwae_bound(particles.log_w).mean())
+        return loss
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _evaluate(self, batch: Batch, stage: str) -> None:
+        log_w = self.net.log_weights(
+            batch.x,
+            max(self.eval_num_samples, self.num_samples),
+            batch.context,
+            self.eval_chunk_size,
+        )  # [S, B]; the first K samples give the training-K bound
+        bound = iwae_bound(log_w[: self.num_samples])
+        log_likelihood = iwae_bound(log_w[: self.eval_num_samples])
+        size = batch.x.shape[0]
+        # sync_dist: under DDP the epoch value is the mean over every rank's images.
+        self.log(f"{stage}/bound", bound.mean(), batch_size=size, sync_dist=True)
+        self.log(
+            f"{stage}/log_likelihood",
+            log_likelihood.mean(),
+            batch_size=size,
+            sync_dist=True,
+            prog_bar=True,
+        )
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    # -- optimization ------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": self.net.inference_parameters(), "name": "inference"}]
+        if self.train_model:
+            groups.insert(0, {"params": self.net.model_parameters(), "name": "model"})
+        extra = [p for p in self.estimator.parameters() if p.requires_grad]
+        if extra:
+            groups.append({"params": extra, "name": "estimator"})
+        return self.optimizer_factory(groups)

@@ -1,0 +1,99 @@
+"""What ``python train.py`` does: build every object from the config, train, test, record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+
+from dreg.lightning_module import DReGModule
+
+log = logging.getLogger(__name__)
+
+
+def git_commit() -> str:
+    """The commit the code runs from (with ``-dirty`` for uncommitted changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, DReGModule]:
+    """The datamodule and the LightningModule described by ``cfg``."""
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    net = instantiate(cfg.model.net, **datamodule.model_kwargs())
+    estimator = instantiate(cfg.estimator)
+    module = instantiate(cfg.model, net=net, estimator=estimator)
+    return datamodule, module
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=output_dir
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test as configured; returns (and writes to ``metrics.json``) the results."""
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule, module = build(cfg)
+    trainer = build_trainer(cfg, output_dir)
+    commit = git_commit()
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "git_commit": commit})
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_seconds = time.perf_counter() - start
+
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)[0]
+    metrics = {
+        **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+        **{k: float(v) for k, v in test_results.items()},
+        "global_step": trainer.global_step,
+        "train_seconds": train_seconds,
+        "tested_checkpoint": best or "final weights",
+        "git_commit": commit,
+    }
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("test metrics: %s", json.dumps(metrics))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._offline:
+                log.info(
+                    "W&B run saved offline; upload it with: wandb sync %s",
+                    Path(logger.experiment.dir).parent,
+                )
+    return metrics
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Entry point called by ``train.py``; returns the optimized metric for Hydra sweepers."""
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric") or "", None)
