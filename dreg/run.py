@@ -94,6 +94,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Entry point called by ``train.py``; returns the optimized metric for Hydra sweepers."""
-    metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric") or "", None)
+    """Entry point called by ``train.py``: run the configured mode (``mode=train`` by default).
+
+    Returns the optimized metric, for Hydra sweepers.
+    """
+    metrics = instantiate(cfg.mode.run)(cfg)
+    return (metrics or {}).get(cfg.get("optimized_metric") or "", None)
