@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
@@ -48,6 +49,20 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, DReGModule]:
     return datamodule, module
 
 
+def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:
+    """Load only the VAE's weights (``net.*``) from a Lightning checkpoint.
+
+    Starting inference-network-only training or a diagnostic from a checkpoint needs the
+    weights, not Lightning's full state (optimizer, step counters, a possibly different
+    estimator's learned state).
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ValueError(f"ckpt_path={ckpt_path} is not a file; pass a Lightning .ckpt file")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -66,8 +81,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "git_commit": commit})
 
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not module.train_model:
+        # Inference-network-only training starts from the checkpoint's weights with a fresh
+        # optimizer at step 0; resuming its full state would restore the two-group optimizer.
+        load_net_weights(module.net, ckpt_path)
+        ckpt_path = None
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - start
 
     checkpoint = trainer.checkpoint_callback

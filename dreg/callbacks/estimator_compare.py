@@ -1,0 +1,114 @@
+"""Other estimators' inference gradients on the training batch and samples (``var_calc``).
+
+Tucker et al. (2019) compare estimators along *one* trajectory: at every step, the gradients
+that IWAE, STL and DReG would give on the same batch and the same latent samples as the
+training step, none of them applied. This callback replays the training step's forward
+pass: it saves the RNG state when the batch starts and, before the optimizer step, restores
+it and calls ``net.particles`` again, which redraws the very same noise. Each listed
+estimator's inference gradient then comes from ``torch.autograd.grad`` of its surrogate
+(``.grad`` and DDP's reducer are untouched), is averaged over ranks (the global-batch
+gradient, like the p.grad that :class:`~dreg.callbacks.GradientStatistics` sees) and folded
+into EMA moments. Logged every ``log_every_n_steps`` steps::
+
+    grad/compare/<name>/inference/variance, grad/compare/<name>/inference/snr
+    grad/compare/replay_rel_error   |replayed training-estimator gradient - p.grad| / |p.grad|
+
+``replay_rel_error`` (float round-off, ~1e-6) certifies that the replay saw the training
+step's samples and that the cross-rank average matches DDP's.
+Cost per step: one forward and one backward per listed estimator, plus one for the check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from dreg.diagnostics.moments import EMAMoments
+from dreg.diagnostics.sampling import build_estimator, flat_gradient, group_parameters
+from dreg.estimators import Estimator, surrogate_losses
+
+
+class EstimatorComparison(pl.Callback):
+    """EMA variance and SNR of the inference gradients of ``estimators`` along the trajectory.
+
+    :param estimators: names of ``conf/estimator/*.yaml`` to compare (e.g. iwae, stl, dreg_iwae).
+    :param decay: EMA decay d, 0.99 by default.
+    :param log_every_n_steps: log interval in optimizer steps.
+    """
+
+    def __init__(
+        self, estimators: Sequence[str], decay: float = 0.99, log_every_n_steps: int = 100
+    ) -> None:
+        super().__init__()
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        self.names, self.decay, self.log_every_n_steps = list(estimators), decay, log_every_n_steps
+        self.ema = {name: EMAMoments(decay) for name in self.names}
+        self.estimators: list[Estimator] = []
+        self.last_metrics: dict[str, float] = {}
+        self._batch, self._rng = None, None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "EstimatorComparison replays one batch per optimizer step; set "
+                "trainer.accumulate_grad_batches=1 or drop the estimator_compare callback"
+            )
+        self.estimators = [build_estimator(n, pl_module.num_samples) for n in self.names]
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+    ) -> None:
+        device = pl_module.device
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self._batch, self._rng = batch, (torch.get_rng_state(), cuda)
+
+    def _replay_particles(self, pl_module: pl.LightningModule):
+        device = pl_module.device
+        cpu_state, cuda_state = self._rng
+        with torch.random.fork_rng(devices=[device.index or 0] if cuda_state is not None else []):
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, device)
+            batch = self._batch
+            return pl_module.net.particles(
+                batch.x, pl_module.num_samples, batch.context, pl_module.antithetic
+            )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        _, params = group_parameters(pl_module.net, "inference")
+        particles = self._replay_particles(pl_module)
+        grads = []
+        for estimator in [pl_module.estimator, *self.estimators]:
+            estimator.to(pl_module.device)
+            inference_loss = surrogate_losses(particles, estimator(particles.log_w))[1]
+            grads.append(flat_gradient(inference_loss, params))
+        # [1 + E, D]: average over ranks, giving the global-batch gradients (as DDP does).
+        grads = trainer.strategy.reduce(torch.stack(grads), reduce_op="mean")
+        for name, grad in zip(self.names, grads[1:], strict=True):
+            self.ema[name].update(grad)
+
+        step = trainer.global_step + 1
+        if step % self.log_every_n_steps:
+            return
+        metrics = {"grad/compare/replay_rel_error": self._replay_error(grads[0], params)}
+        for name in self.names:
+            summary = self.ema[name].summary()
+            metrics[f"grad/compare/{name}/inference/variance"] = summary.variance
+            metrics[f"grad/compare/{name}/inference/snr"] = summary.snr
+        self.last_metrics = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    @staticmethod
+    def _replay_error(replayed: Tensor, params: Sequence[Tensor]) -> float:
+        applied = torch.cat([
+            (torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params
+        ])  # fmt: skip
+        return ((replayed - applied).norm() / applied.norm().clamp_min(1e-30)).item()
