@@ -90,12 +90,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - start
+    # Read before testing: trainer.test() replaces the callback metrics.
+    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)[0]
     metrics = {
-        **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+        **train_metrics,
         **{k: float(v) for k, v in test_results.items()},
         "global_step": trainer.global_step,
         "train_seconds": train_seconds,
@@ -105,12 +107,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("test metrics: %s", json.dumps(metrics))
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._offline:
-                log.info(
-                    "W&B run saved offline; upload it with: wandb sync %s",
-                    Path(logger.experiment.dir).parent,
-                )
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            run_dir = Path(logger.experiment.dir).parent
+            logger.experiment.finish()  # flush the summary; Lightning leaves the run open
+            if logger._offline and trainer.is_global_zero:
+                log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)
     return metrics
 
 

@@ -1,0 +1,75 @@
+"""The real command line in subprocesses: multirun, W&B offline, 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TINY_RUN, requires_mnist
+
+pytestmark = [requires_mnist, pytest.mark.slow]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_multirun_writes_one_directory_per_job_named_by_swept_values(tmp_path):
+    # debug=fast instead of TINY_RUN: every override names the directory, so keep them few.
+    run_cli(
+        "-m",
+        "debug=fast",
+        "estimator=iwae",
+        "seed=0,1",
+        "trainer.max_steps=2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    for seed in (0, 1):
+        job = tmp_path / f"debug=fast,estimator=iwae,seed={seed}"
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["global_step"] == 2
+        assert (job / ".hydra" / "config.yaml").exists()
+
+
+def test_wandb_logger_runs_offline_without_credentials_or_prompt(tmp_path):
+    home = tmp_path / "home"  # no ~/.netrc, no API key: must go offline, never prompt
+    home.mkdir()
+    env = {"HOME": str(home), "WANDB_API_KEY": "", "WANDB_MODE": "", "WANDB_DIR": ""}
+    overrides = [o for o in TINY_RUN if not o.startswith("logger=")]
+    result = run_cli("logger=wandb", f"hydra.run.dir={tmp_path}/run", *overrides, env=env)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "run").iterdir())
+    (record_file,) = runs[0].glob("*.wandb")  # what `wandb sync` uploads
+    records = record_file.read_bytes()
+    # History values are stored as JSON text after the key (protobuf field 16, length-prefixed).
+    logged = [float(v) for v in re.findall(rb"test/log_likelihood\x82\x01.(-?[0-9.e+-]+)", records)]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test/log_likelihood"] in logged
+    assert b"train/objective" in records
+    assert "wandb sync" in result.stdout + result.stderr
+
+
+@pytest.mark.ddp
+def test_ddp_cpu_two_processes_through_the_cli(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("trainer=ddp_cpu", f"hydra.run.dir={run_dir}", *TINY_RUN)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 4
+    # Lightning relaunches train.py for rank 1 into the same run directory; nothing else.
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
