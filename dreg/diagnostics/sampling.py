@@ -157,7 +157,11 @@ def start_job(cfg: DictConfig) -> DiagnosticJob:
 
 
 def rank_zero_loggers(cfg: DictConfig, job: DiagnosticJob) -> list:
-    """The configured loggers, built on rank 0 only (other ranks write nothing)."""
+    """The configured loggers with the run's config logged, built on rank 0 only (other ranks
+    write nothing)."""
     if not job.fabric.is_global_zero:
         return []
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return loggers
