@@ -46,7 +46,7 @@ class TensorRows(Dataset):
         return self.data[index]
 
     def __getitems__(self, indices: list[int]) -> Tensor:
-        return self.data[torch.as_tensor(indices)]
+        return self.data[torch.as_tensor(indices, device=self.data.device)]
 
 
 def _stack(batch: Tensor) -> Tensor:
@@ -62,6 +62,9 @@ class BinarizedDataModule(pl.LightningDataModule):
     :param binarization_seed: seed of the fixed validation/test binarization.
     :param train_subset: use only the first N training images (quick experiments, tests).
     :param eval_subset: use only the first N validation and test images.
+    :param num_workers: DataLoader workers (0: batches are cheap index ops in this process).
+    :param data_on_device: keep the splits on the training device (GPU memory: ~200 MB for
+        MNIST) so batches never cross the host-device boundary.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class BinarizedDataModule(pl.LightningDataModule):
         train_subset: int | None = None,
         eval_subset: int | None = None,
         num_workers: int = 0,
+        data_on_device: bool = True,
     ) -> None:
         super().__init__()
         if batch_size <= 0 or eval_batch_size <= 0:
@@ -81,7 +85,7 @@ class BinarizedDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.binarization_seed = binarization_seed
         self.train_subset, self.eval_subset = train_subset, eval_subset
-        self.num_workers = num_workers
+        self.num_workers, self.data_on_device = num_workers, data_on_device
         self.splits: dict[str, Tensor] = {}
 
     # -- to implement ------------------------------------------------------------------------
@@ -95,8 +99,14 @@ class BinarizedDataModule(pl.LightningDataModule):
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+        if not self.splits:
+            self._load()
+        if self.trainer is not None and self.data_on_device:
+            # Whole splits on the training device: a batch is then one on-device index op.
+            device = self.trainer.strategy.root_device
+            self.splits = {name: data.to(device) for name, data in self.splits.items()}
+
+    def _load(self) -> None:
         splits = self.load_splits()
         limits = {"train": self.train_subset, "val": self.eval_subset, "test": self.eval_subset}
         generator = torch.Generator().manual_seed(self.binarization_seed)
@@ -134,7 +144,8 @@ class BinarizedDataModule(pl.LightningDataModule):
     # -- what the model needs to know about the data -----------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
         """Dimensions and training statistics for :class:`dreg.model.VAE`."""
-        self.setup()
+        if not self.splits:
+            self._load()
         train = self.splits["train"]
         example = self.split_context(train[:1])
         means = self.split_context(train.mean(0, keepdim=True))
