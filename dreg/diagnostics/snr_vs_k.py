@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 
@@ -81,8 +82,17 @@ def study(job: DiagnosticJob, cfg: DictConfig) -> list[dict[str, Any]]:
                 continue
             with seeded(derived_seed(cfg.seed, num_samples, draw), device):
                 particles = net.particles(batch.x, num_samples, batch.context)
+            seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model coefficients, gradient)
             for estimator in estimators:
-                grads = group_gradients(particles, estimator(particles.log_w), params)
+                weights = estimator(particles.log_w)
+                # Estimators of one family often share the model coefficients (w~): then they
+                # share the model gradient too, and one decoder backward pass is saved.
+                shared = next((g for m, g in seen if torch.equal(m, weights.model)), None)
+                groups = {"inference": params["inference"]} if shared is not None else params
+                grads = group_gradients(particles, weights, groups)
+                if shared is None:
+                    seen.append((weights.model, grads["model"]))
+                grads.setdefault("model", shared)
                 for group, grad in grads.items():
                     moments[estimator.name, group].update(grad)
         for (name, group), moment in moments.items():
