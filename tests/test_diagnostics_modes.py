@@ -13,8 +13,13 @@ from tests.conftest import TINY_RUN, compose_config, requires_mnist
 
 pytestmark = [requires_mnist, pytest.mark.slow]
 
-# A smaller encoder/decoder than the paper's so the default 200 batches take seconds.
-SMALL = ["model.net.hidden_dims=[64]", "model.net.latent_dim=10", "dataset.train_subset=4000"]
+# A smaller model and batch than the paper's so the default 200 batches take seconds.
+SMALL = [
+    "model.net.hidden_dims=[64]",
+    "model.net.latent_dim=10",
+    "dataset.train_subset=4000",
+    "mode.batch_size=8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,7 @@ def trained_ckpt(tmp_path_factory) -> Path:
     """A checkpoint after 400 IWAE steps: q is no longer the prior-like initial encoder."""
     out = tmp_path_factory.mktemp("trained")
     steps = ["trainer.max_steps=400", "trainer.val_check_interval=400"]
-    train(compose_config([*TINY_RUN, *SMALL, *steps, "trainer.log_every_n_steps=50"], out))
+    train(compose_config([*TINY_RUN, *SMALL[:3], *steps, "trainer.log_every_n_steps=50"], out))
     return out / "checkpoints" / "last.ckpt"
 
 
@@ -55,6 +60,11 @@ def test_bias_check_of_the_reference_itself_is_refused(tmp_path):
         run_mode(tmp_path, "mode=bias_check", "estimator=iwae")
 
 
+def test_bias_check_of_a_mixed_family_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="family 'mixed', which has no reference"):
+        run_mode(tmp_path, "mode=bias_check", "estimator=dreg_alpha", "estimator.alpha=0.5")
+
+
 def read_rows(path: Path) -> dict[tuple[int, str, str], float]:
     with path.open() as f:
         return {(int(r["num_samples"]), r["estimator"], r["group"]): float(r["snr"])
@@ -67,9 +77,12 @@ def test_diagnose_snr_falls_with_k_for_iwae_not_for_dreg(trained_ckpt, tmp_path)
     snr = read_rows(tmp_path / "snr_vs_k.csv")
     assert len(snr) == 3 * 2 * 2
     assert (tmp_path / "snr_vs_k.png").stat().st_size > 10_000
-    assert snr[64, "iwae", "inference"] < snr[1, "iwae", "inference"] / 4
-    assert snr[64, "dreg_iwae", "inference"] > snr[1, "dreg_iwae", "inference"] / 2
-    assert snr[64, "dreg_iwae", "inference"] > 4 * snr[64, "iwae", "inference"]
+    # Margins are several Monte Carlo standard errors of these 100-draw estimates (~10%).
+    iwae = [snr[k, "iwae", "inference"] for k in (1, 8, 64)]
+    dreg = [snr[k, "dreg_iwae", "inference"] for k in (1, 8, 64)]
+    assert iwae[0] > iwae[1] > 2 * iwae[2]  # falls with K
+    assert dreg[2] > dreg[1] / 1.5  # does not fall beyond small K
+    assert dreg[2] > 3 * iwae[2]
     # K = 1: DReG-IWAE is STL, whose path-only gradient already beats IWAE's (Roeder et al.).
     assert snr[1, "dreg_iwae", "inference"] > snr[1, "iwae", "inference"]
     # Same model coefficients (w~) in both estimators: identical model gradients.

@@ -47,6 +47,8 @@ from dreg.diagnostics.sampling import (
 
 log = logging.getLogger(__name__)
 
+FAMILIES = ("iwae", "rws", "jvi")  # each family's reference is the estimator of that name
+
 
 def t_test(total: float, total_sq: float, count: int) -> dict[str, float]:
     """Two-sided one-sample t-test of mean zero from the sum and sum of squares of ``count``
@@ -80,6 +82,11 @@ class PairedDifferences:
         module = job.module
         self.job, self.seed, self.batch_size = job, seed, batch_size
         self.estimator = module.estimator
+        if self.estimator.family not in FAMILIES:
+            raise ValueError(
+                f"estimator '{self.estimator.name}' has family '{self.estimator.family}', which "
+                f"has no reference gradient; the bias check covers the families {FAMILIES}"
+            )
         self.reference = build_estimator(self.estimator.family, module.num_samples)
         self.reference.to(job.device)
         if self.reference.name == self.estimator.name:
@@ -182,6 +189,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             report["largest_tensor"]["t"], report["all_coordinate_mean"]["t"], report["verdict"],
         )  # fmt: skip
         path = Path(cfg.paths.output_dir) / "bias_check.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
         metrics = {"bias/t": agg["t"], "bias/p_value": agg["p_value"]}
         metrics |= {f"bias/{r['name']}/t": r["t"] for r in report["per_tensor"]}

@@ -162,6 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rows = study(job, cfg)
     if job.fabric.is_global_zero:
         out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
         write_csv(rows, out / "snr_vs_k.csv")
         title = f"{cfg.mode.num_draws} draws, batch {cfg.mode.batch_size}"
         if cfg.get("ckpt_path"):
