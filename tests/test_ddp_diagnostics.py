@@ -2,8 +2,9 @@
 
 A diagnostic's draw i is a pure function of (seed, i) and rank r computes the draws with
 i % 2 == r, so after the all-reduce the 2-process statistics must equal a 1-process run's on
-the same draws up to float summation order. Without the all-reduce they would describe half
-of the draws and differ at the first digit. Only rank 0 writes, into one run directory.
+the same draws up to float32 round-off (DDP runs one thread per process, so matmul sums are
+ordered differently: agreement to ~1e-6, tested at 1e-4). Without the all-reduce they would
+describe half of the draws and differ at the first digit. Only rank 0 writes, into one run directory.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def test_bias_check_two_processes_equal_one(tmp_path):
     one = json.loads((tmp_path / "single" / "bias_check.json").read_text())
     assert (two["world_size"], one["world_size"]) == (2, 1)
     for key in ("aggregate", "all_coordinate_mean"):
-        assert two[key]["t"] == pytest.approx(one[key]["t"], rel=1e-6)
-        assert two[key]["mean"] == pytest.approx(one[key]["mean"], rel=1e-6)
+        assert two[key]["t"] == pytest.approx(one[key]["t"], rel=1e-4)
+        assert two[key]["mean"] == pytest.approx(one[key]["mean"], rel=1e-4)
     for a, b in zip(two["per_tensor"], one["per_tensor"], strict=True):
-        assert a["t"] == pytest.approx(b["t"], rel=1e-6)
+        assert a["t"] == pytest.approx(b["t"], rel=1e-4)
     assert written_files(ddp_dir) == {"bias_check.json", "csv/metrics.csv", "csv/hparams.yaml"}
 
 
@@ -85,7 +86,7 @@ def test_diagnose_two_processes_equal_one(tmp_path):
         )  # fmt: skip
         assert int(a["num_draws"]) == int(b["num_draws"]) == 7
         for stat in ("variance", "mean_square", "snr"):
-            assert float(a[stat]) == pytest.approx(float(b[stat]), rel=1e-6)
+            assert float(a[stat]) == pytest.approx(float(b[stat]), rel=1e-4)
     assert written_files(ddp_dir) == {
         "snr_vs_k.csv", "snr_vs_k.png", "csv/metrics.csv", "csv/hparams.yaml",
     }  # fmt: skip
@@ -94,7 +95,7 @@ def test_diagnose_two_processes_equal_one(tmp_path):
 def test_training_callbacks_average_over_ranks(tmp_path):
     """The comparison gradients are all-reduced: the replayed training-estimator gradient
     equals DDP's averaged p.grad (it would differ by the other rank's half otherwise)."""
-    run_dir = run_ddp(tmp_path, "callbacks=estimator_compare", "~callbacks.progress_bar")
+    run_dir = run_ddp(tmp_path, "callbacks=estimator_compare")
     with (run_dir / "csv" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     errors = [float(r["grad/compare/replay_rel_error"]) for r in rows

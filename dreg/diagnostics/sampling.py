@@ -147,6 +147,7 @@ def start_job(cfg: DictConfig) -> DiagnosticJob:
         num_nodes=trainer.get("num_nodes", 1),
     )
     fabric.launch()
+    pl.seed_everything(cfg.seed, verbose=False)  # the same fresh model in every process
     datamodule, module = build(cfg)
     if cfg.get("ckpt_path"):
         load_net_weights(module.net, cfg.ckpt_path)
