@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dreg.datamodules.batches import ShuffledBatches
+
 
 @dataclass
 class Batch:
@@ -117,27 +119,34 @@ class BinarizedDataModule(pl.LightningDataModule):
                 data = torch.bernoulli(data, generator=generator)
             self.splits[name] = data.contiguous()
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
             TensorRows(self.splits[split]),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             collate_fn=_stack,
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+    def train_dataloader(self) -> ShuffledBatches:
+        rank, world = (
+            (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
+        )
+        # The global seed (seed_everything) fixes the permutation of every epoch.
+        self.train_batches = ShuffledBatches(
+            self.splits["train"], self.batch_size, torch.initial_seed(), rank, world
+        )
+        return self.train_batches
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Batch:
         if self.trainer is not None and self.trainer.training:
+            self.train_batches.mark_consumed()
             batch = torch.bernoulli(batch)  # dynamic binarization, on the training device
         return self.split_context(batch)
 
