@@ -101,10 +101,15 @@ def neg_kl_posterior_to_q(model: GaussianModel, mu, log_sigma):
 
 @pytest.mark.parametrize(
     ("name", "objective"),
-    [("dreg_iwae_norm", half_neg_renyi2), ("dreg_rws_norm", neg_kl_posterior_to_q)],
+    [
+        ("dreg_iwae_norm", half_neg_renyi2),
+        ("dreg_rws_norm", neg_kl_posterior_to_q),
+        ("rws", neg_kl_posterior_to_q),  # fixes the sign of the RWS score convention
+        ("dreg_rws", neg_kl_posterior_to_q),
+    ],
 )
-def test_norm_variant_large_k_limit(name, objective):
-    """dreg_iwae_norm -> -1/2 d D_2(p(z|x) || q); dreg_rws_norm -> -d KL(p(z|x) || q).
+def test_large_k_limit(name, objective):
+    """dreg_iwae_norm -> -1/2 d D_2(p(z|x) || q); (dreg_)rws(_norm) -> -d KL(p(z|x) || q).
     Tolerance: 4 SE plus 5/K relative for the O(1/K) self-normalization bias."""
     k, num_draws = 2048, 100
     model = GaussianModel.default(mu_offset=0.3, sigma=0.8)
