@@ -28,11 +28,13 @@ one training step allows one backward, so ``aux_loss`` is the squared inference 
 the assumption that the per-sample gradient vectors {P_k, S_k} are orthonormal:
 mean_b sum_k (a_k^2 + s_k^2). This keeps the estimator unbiased for any coefficient values
 (only the variance reduction differs from the original), costs O(K), and its gradient trains
-the four coefficients through ``GradientWeights.aux_loss``.
+the four coefficients through ``GradientWeights.aux_loss``. On the analytic Gaussian model
+it drives them to about the DReG point (beta ~ 1, alpha ~ 0; ``benchmarks/estimator_variance``).
 
 References:
     Tucker, Lawson, Gu & Maddison (2019), Doubly Reparameterized Gradient Estimators for
-    Monte Carlo Objectives, ICLR (appendix: learned control variates).
+    Monte Carlo Objectives, ICLR; code: google-research/google-research,
+    dreg_estimators/model.py ("dreg-cv") and main_loop.py (the coefficients' training loss).
     Mnih & Rezende (2016), Variational Inference for Monte Carlo Objectives (VIMCO).
 """
 
