@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from dreg.callbacks.preemption import Preempted
 from dreg.checkpointing import AtomicCheckpointIO
 from dreg.config import validate
 from dreg.lightning_module import DReGModule
@@ -92,7 +93,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "git_commit": commit})
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, output_dir))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg, output_dir))
+        preempted = False
+    except Preempted:
+        preempted = True
     train_seconds = time.perf_counter() - start
     # Read before testing: trainer.test() replaces the callback metrics.
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -101,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "git_commit": commit,
     }
-    if any(getattr(c, "preempted", False) for c in trainer.callbacks):
+    if preempted:
         status = {"status": "preempted", **train_metrics, **base}
         if trainer.is_global_zero:
             write_json(output_dir / "status.json", status)

@@ -24,6 +24,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class Preempted(Exception):  # noqa: N818 - a stop request, not an error
+    """Raised after the preemption checkpoint is written; ``dreg.run`` records the stop."""
+
+
 class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM/SIGINT: finish the step, save ``dirpath/last.ckpt``, stop.
 
@@ -56,14 +60,15 @@ class PreemptionCheckpoint(pl.Callback):
         self.preempted = True
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
-        trainer.should_stop = True
+        message = (
+            f"{self.requested or 'stop signal'} received: saved {path} at step "
+            f"{trainer.global_step}; continue with resume=true"
+        )
         if trainer.is_global_zero:
-            log.warning(
-                "%s received: saved %s at step %d; continue with resume=true",
-                self.requested or "stop signal",
-                path,
-                trainer.global_step,
-            )
+            log.warning(message)
+        # Stop now, not through trainer.should_stop: that would run a validation (consuming
+        # RNG and time a preempted job may not have) and checkpoint again after it.
+        raise Preempted(message)
 
     def state_dict(self) -> dict[str, Any]:
         # Captured when the checkpoint is written, i.e. after the step that just finished.
