@@ -71,9 +71,14 @@ def validate(cfg: DictConfig) -> None:
             "a number in [0, 1]",
         )
     try:  # estimators check their own K (jackknife estimators need K >= 2)
-        instantiate(cfg.estimator)
+        estimator = instantiate(cfg.estimator)
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise ConfigError(f"estimator: {cause}") from err
     except ValueError as err:
         raise ConfigError(f"estimator: {err}") from err
+    if model.get("antithetic") and estimator.needs_independent_samples:
+        raise ConfigError(
+            f"model.antithetic=true: estimator '{estimator.name}' is unbiased only for "
+            "independent samples; set model.antithetic=false or use iwae/vae/stl/rws/jvi"
+        )

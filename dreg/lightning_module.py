@@ -64,6 +64,11 @@ class DReGModule(pl.LightningModule):
                 f"eval_num_samples and eval_chunk_size must be >= 1, got {eval_num_samples}, "
                 f"{eval_chunk_size}"
             )
+        if antithetic and estimator.needs_independent_samples:
+            raise ValueError(
+                f"estimator '{estimator.name}' is unbiased only for independent samples; "
+                "antithetic pairs bias it: set model.antithetic=false or use iwae/vae/stl/rws/jvi"
+            )
         self.save_hyperparameters(ignore=["net", "estimator", "optimizer"])
         self.net, self.estimator, self.optimizer_factory = net, estimator, optimizer
         self.num_samples = num_samples

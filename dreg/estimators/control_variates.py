@@ -62,6 +62,7 @@ class DReGCV(Estimator):
 
     name = "dreg_cv"
     family = "iwae"
+    needs_independent_samples = True
     min_samples = 2
 
     def __init__(

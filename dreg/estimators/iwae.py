@@ -67,6 +67,7 @@ class DReGIWAE(Estimator):
 
     name = "dreg_iwae"
     family = "iwae"
+    needs_independent_samples = True
 
     def forward(self, log_w: Tensor) -> GradientWeights:
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
@@ -93,6 +94,7 @@ class DReGIWAENorm(Estimator):
 
     name = "dreg_iwae_norm"
     family = "iwae"
+    needs_independent_samples = True
 
     def forward(self, log_w: Tensor) -> GradientWeights:
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]

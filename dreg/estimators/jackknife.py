@@ -89,6 +89,7 @@ class DReGJVI(Estimator):
 
     name = "dreg_jvi"
     family = "jvi"
+    needs_independent_samples = True
     min_samples = 2
 
     def forward(self, log_w: Tensor) -> GradientWeights:

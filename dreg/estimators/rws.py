@@ -65,6 +65,7 @@ class DReGRWS(Estimator):
 
     name = "dreg_rws"
     family = "rws"
+    needs_independent_samples = True
 
     def forward(self, log_w: Tensor) -> GradientWeights:
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
@@ -92,6 +93,7 @@ class DReGRWSNorm(Estimator):
 
     name = "dreg_rws_norm"
     family = "rws"
+    needs_independent_samples = True
     min_samples = 2
 
     def forward(self, log_w: Tensor) -> GradientWeights:
@@ -117,6 +119,7 @@ class DReGAlpha(Estimator):
 
     name = "dreg_alpha"
     family = "mixed"
+    needs_independent_samples = True
 
     def __init__(self, num_samples: int, alpha: float = 0.9) -> None:
         super().__init__(num_samples)
