@@ -129,8 +129,10 @@ BAD_OVERRIDES = {
     "nonfinite-policy": (["model.nonfinite=ignore"], "model.nonfinite=ignore"),
     "jackknife-K<2": (["estimator=jvi", "model.num_samples=1"], "estimator: estimator 'jvi'"),
     "alpha>1": (["estimator=dreg_alpha", "estimator.alpha=1.5"], "estimator.alpha=1.5"),
-    "antithetic-dreg": (["estimator=dreg_iwae", "model.antithetic=true"],
-                        "model.antithetic=true: estimator 'dreg_iwae'"),
+    "antithetic-dreg": (
+        ["estimator=dreg_iwae", "model.antithetic=true"],
+        "model.antithetic=true: estimator 'dreg_iwae'",
+    ),
 }
 
 
