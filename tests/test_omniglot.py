@@ -153,6 +153,15 @@ def test_lake_cache_is_written_once_atomically_and_reused(tmp_path: Path, monkey
     np.testing.assert_array_equal(cached_test, test)
 
 
+def test_lake_cache_skips_a_folder_marked_read_only(tmp_path: Path) -> None:
+    write_lake(tmp_path / LAKE_FILE)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)  # root could still write here: the mode bits must be honoured
+    load_lake28(tmp_path / LAKE_FILE, [read_only / "cache", tmp_path / "cache"], verify=False)
+    assert not (read_only / "cache").exists()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
 def test_lake_cache_survives_an_interrupted_write(tmp_path: Path, monkeypatch) -> None:
     write_lake(tmp_path / LAKE_FILE)
 

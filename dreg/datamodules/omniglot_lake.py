@@ -123,6 +123,16 @@ def default_cache_dirs(data_dir: Path, cache_dir: str | Path | None) -> list[Pat
     return [first, user, Path(tempfile.gettempdir()) / "dreg-cache"]
 
 
+def may_write(folder: Path) -> bool:
+    """Whether ``folder`` (or its nearest existing parent) is writable *and marked writable*.
+
+    The mode bits are checked as well as :func:`os.access` because root may write anywhere: a
+    data directory marked read-only (a shared copy, as in CI) must not get a cache either way.
+    """
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return os.access(existing, os.W_OK) and bool(existing.stat().st_mode & 0o222)
+
+
 def _load_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as cached:
@@ -174,6 +184,9 @@ def load_lake28(
         log.info("deriving 28x28 Omniglot from %s (once; cached)", path)
         train, test = derive(read_lake(path))
         for folder in cache_dirs:
+            if not may_write(folder):
+                log.info("not caching Omniglot in %s: read-only", folder)
+                continue
             try:
                 log.info("cached derived Omniglot at %s", _write_cache(folder, name, train, test))
                 break
