@@ -27,8 +27,10 @@ NEEDS = {
 @pytest.mark.parametrize("dataset", sorted(NEEDS))
 def test_train_and_test_each_dataset(dataset: str, tmp_path: Path) -> None:
     root = os.environ.get("DREG_DATA_DIR")
-    if not root or not (Path(root) / NEEDS[dataset]).exists():
-        pytest.skip(f"DREG_DATA_DIR (={root}) lacks {NEEDS[dataset]}")
+    if not root:
+        pytest.skip("DREG_DATA_DIR is not set (point it at the folder holding the datasets)")
+    if not (Path(root) / NEEDS[dataset]).exists():
+        pytest.skip(f"DREG_DATA_DIR={root} lacks {NEEDS[dataset]}")
     overrides = [
         f"dataset={dataset}",
         "logger=csv",

@@ -218,8 +218,10 @@ def test_lake_omniglot_splits_and_values(lake_omniglot: OmniglotDataModule) -> N
 
 def test_lake_omniglot_every_alphabet_in_both_splits() -> None:
     root = os.environ.get("DREG_DATA_DIR")
-    if not root or not (Path(root) / LAKE_FILE).exists():
-        pytest.skip(f"DREG_DATA_DIR (={root}) lacks {LAKE_FILE}")
+    if not root:
+        pytest.skip("DREG_DATA_DIR is not set (point it at the folder holding omniglot-lake/)")
+    if not (Path(root) / LAKE_FILE).exists():
+        pytest.skip(f"DREG_DATA_DIR={root} lacks {LAKE_FILE}")
     with np.load(Path(root) / LAKE_FILE) as lake:
         sample, alphabet = lake["sample"], lake["alphabet"]
     is_train = sample <= omniglot_lake.NUM_TRAIN_DRAWINGS
