@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dreg.datamodules.batches import ShuffledBatches
+
+EVAL_STREAMS = {"val": 1, "test": 2}  # separate random streams of the fixed binarization
 
 
 @dataclass
@@ -111,12 +114,16 @@ class BinarizedDataModule(pl.LightningDataModule):
     def _load(self) -> None:
         splits = self.load_splits()
         limits = {"train": self.train_subset, "val": self.eval_subset, "test": self.eval_subset}
-        generator = torch.Generator().manual_seed(self.binarization_seed)
         for name, data in splits.items():
+            if name != "train":
+                # Fixed, seeded bits for comparable evaluations: one stream per split, drawn
+                # for the whole split before any subset, so image i gets the same bits whatever
+                # eval_subset is and whichever split is loaded.
+                stream = np.random.SeedSequence([self.binarization_seed, EVAL_STREAMS[name]])
+                generator = torch.Generator().manual_seed(int(stream.generate_state(1)[0]))
+                data = torch.bernoulli(data, generator=generator)
             if limits[name] is not None:
                 data = data[: limits[name]]
-            if name != "train":  # fixed, seeded binarization for comparable evaluations
-                data = torch.bernoulli(data, generator=generator)
             self.splits[name] = data.contiguous()
 
     def _eval_loader(self, split: str) -> DataLoader:
