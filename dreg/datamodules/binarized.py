@@ -92,6 +92,7 @@ class BinarizedDataModule(pl.LightningDataModule):
         self.train_subset, self.eval_subset = train_subset, eval_subset
         self.num_workers, self.data_on_device = num_workers, data_on_device
         self.splits: dict[str, Tensor] = {}
+        self.train_batches: ShuffledBatches | None = None
 
     # -- to implement ------------------------------------------------------------------------
     def load_splits(self) -> dict[str, Tensor]:
@@ -153,7 +154,8 @@ class BinarizedDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Batch:
         if self.trainer is not None and self.trainer.training:
-            self.train_batches.mark_consumed()
+            if self.train_batches is not None:
+                self.train_batches.mark_consumed()
             batch = torch.bernoulli(batch)  # dynamic binarization, on the training device
         return self.split_context(batch)
 
