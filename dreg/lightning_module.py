@@ -34,6 +34,10 @@ class DReGModule(pl.LightningModule):
     :param compile: ``torch.compile`` the encoder and decoder MLPs in place (state-dict keys
         unchanged, so checkpoints move between compiled and eager runs). Worth it on GPUs, where
         a step is launch-bound; on CPU the first step pays ~30-60 s of compilation.
+    :param nonfinite: what a non-finite loss or gradient does: ``raise`` (stop, naming the
+        step, batch and term; parameters and checkpoints keep their last good values) or
+        ``skip`` (drop the update, count it in ``train/skipped_steps``; skipped updates do
+        not count towards ``trainer.max_steps``).
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class DReGModule(pl.LightningModule):
         antithetic: bool = False,
         train_model: bool = True,
         compile: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         if estimator.num_samples != num_samples:
@@ -59,11 +64,19 @@ class DReGModule(pl.LightningModule):
                 f"eval_num_samples and eval_chunk_size must be >= 1, got {eval_num_samples}, "
                 f"{eval_chunk_size}"
             )
+        if antithetic and estimator.needs_independent_samples:
+            raise ValueError(
+                f"estimator '{estimator.name}' is unbiased only for independent samples; "
+                "antithetic pairs bias it: set model.antithetic=false or use iwae/vae/stl/rws/jvi"
+            )
         self.save_hyperparameters(ignore=["net", "estimator", "optimizer"])
         self.net, self.estimator, self.optimizer_factory = net, estimator, optimizer
         self.num_samples = num_samples
         self.eval_num_samples, self.eval_chunk_size = eval_num_samples, eval_chunk_size
         self.antithetic, self.train_model = antithetic, train_model
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite, self.skipped_steps = nonfinite, 0
         if compile:
             for mlp in (self.net.encoder, self.net.decoder):
                 mlp.compile()
@@ -111,6 +124,40 @@ class DReGModule(pl.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    # -- numerical faults --------------------------------------------------------------------
+    def _nonfinite_terms(self, loss: Tensor) -> list[str]:
+        """Names of the non-finite terms of this step (one host sync, only for the check)."""
+        groups = {
+            "loss": [loss.detach()],
+            "model gradient": [p.grad for p in self.net.model_parameters()],
+            "inference gradient": [p.grad for p in self.net.inference_parameters()],
+        }
+        flags = torch.stack(
+            [
+                torch.stack([t.isfinite().all() for t in tensors if t is not None]).all()
+                if any(t is not None for t in tensors)
+                else torch.ones((), dtype=torch.bool, device=loss.device)
+                for tensors in groups.values()
+            ]
+        ).tolist()
+        return [name for name, ok in zip(groups, flags, strict=True) if not ok]
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None):
+        loss = optimizer_closure()  # training_step + backward
+        bad = self._nonfinite_terms(loss)
+        if not bad:
+            optimizer.step()
+            return
+        where = f"step {self.global_step} (epoch {epoch}, batch {batch_idx})"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite {', '.join(bad)} at {where}; parameters and checkpoints keep their "
+                "last good values; set model.nonfinite=skip to drop such updates instead"
+            )
+        self.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     # -- optimization ------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:

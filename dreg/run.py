@@ -15,6 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from dreg.callbacks.preemption import Preempted
+from dreg.checkpointing import AtomicCheckpointIO
+from dreg.config import validate
 from dreg.lightning_module import DReGModule
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,31 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     return instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=output_dir
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        default_root_dir=output_dir,
+        plugins=[AtomicCheckpointIO()],
     )
+
+
+def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
+    """``ckpt_path`` if given; with ``resume=true`` the run directory's ``last.ckpt``."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    if cfg.get("resume"):
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if last.exists():
+            return str(last)
+        log.warning("resume=true but %s does not exist: starting from scratch", last)
+    return None
+
+
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    """Write atomically: readers (sweep summaries) never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -81,31 +107,47 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "git_commit": commit})
 
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not module.train_model:
-        # Inference-network-only training starts from the checkpoint's weights with a fresh
-        # optimizer at step 0; resuming its full state would restore the two-group optimizer.
-        load_net_weights(module.net, ckpt_path)
-        ckpt_path = None
+    resume_from = checkpoint_to_resume(cfg, output_dir)
+    if cfg.get("ckpt_path") and not module.train_model:
+        # Inference-network-only training starts from the checkpoint's *weights* with a fresh
+        # optimizer at step 0 (its full state holds the two-group optimizer). Only this run's
+        # own last.ckpt (resume=true after a preemption) is resumed in full.
+        load_net_weights(module.net, cfg.ckpt_path)
+        last = output_dir / "checkpoints" / "last.ckpt"
+        resume_from = str(last) if cfg.get("resume") and last.exists() else None
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        preempted = False
+    except Preempted:
+        preempted = True
     train_seconds = time.perf_counter() - start
     # Read before testing: trainer.test() replaces the callback metrics.
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    base = {
+        "global_step": trainer.global_step,
+        "train_seconds": train_seconds,
+        "git_commit": commit,
+    }
+    if preempted:
+        status = {"status": "preempted", **train_metrics, **base}
+        if trainer.is_global_zero:
+            write_json(output_dir / "status.json", status)
+        return status
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)[0]
     metrics = {
+        "status": "completed",
         **train_metrics,
         **{k: float(v) for k, v in test_results.items()},
-        "global_step": trainer.global_step,
-        "train_seconds": train_seconds,
+        **base,
         "tested_checkpoint": best or "final weights",
-        "git_commit": commit,
     }
     if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(output_dir / "metrics.json", metrics)
+        write_json(output_dir / "status.json", {"status": "completed"})
         log.info("test metrics: %s", json.dumps(metrics))
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
@@ -117,9 +159,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Entry point called by ``train.py``: run the configured mode (``mode=train`` by default).
+    """Entry point called by ``train.py``: validate, then run the configured mode.
 
     Returns the optimized metric, for Hydra sweepers.
     """
+    validate(cfg)
     metrics = instantiate(cfg.mode.run)(cfg)
     return (metrics or {}).get(cfg.get("optimized_metric") or "", None)

@@ -4,7 +4,8 @@ A diagnostic's draw i is a pure function of (seed, i) and rank r computes the dr
 i % 2 == r, so after the all-reduce the 2-process statistics must equal a 1-process run's on
 the same draws up to float32 round-off (DDP runs one thread per process, so matmul sums are
 ordered differently: agreement to ~1e-6, tested at 1e-4). Without the all-reduce they would
-describe half of the draws and differ at the first digit. Only rank 0 writes, into one run directory.
+describe half of the draws and differ at the first digit. Only rank 0 writes, into one run
+directory.
 """
 
 from __future__ import annotations

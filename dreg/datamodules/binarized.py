@@ -19,10 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from dreg.datamodules.batches import ShuffledBatches
+
+EVAL_STREAMS = {"val": 1, "test": 2}  # separate random streams of the fixed binarization
 
 
 @dataclass
@@ -87,6 +92,7 @@ class BinarizedDataModule(pl.LightningDataModule):
         self.train_subset, self.eval_subset = train_subset, eval_subset
         self.num_workers, self.data_on_device = num_workers, data_on_device
         self.splits: dict[str, Tensor] = {}
+        self.train_batches: ShuffledBatches | None = None
 
     # -- to implement ------------------------------------------------------------------------
     def load_splits(self) -> dict[str, Tensor]:
@@ -109,35 +115,47 @@ class BinarizedDataModule(pl.LightningDataModule):
     def _load(self) -> None:
         splits = self.load_splits()
         limits = {"train": self.train_subset, "val": self.eval_subset, "test": self.eval_subset}
-        generator = torch.Generator().manual_seed(self.binarization_seed)
         for name, data in splits.items():
+            if name != "train":
+                # Fixed, seeded bits for comparable evaluations: one stream per split, drawn
+                # for the whole split before any subset, so image i gets the same bits whatever
+                # eval_subset is and whichever split is loaded.
+                stream = np.random.SeedSequence([self.binarization_seed, EVAL_STREAMS[name]])
+                generator = torch.Generator().manual_seed(int(stream.generate_state(1)[0]))
+                data = torch.bernoulli(data, generator=generator)
             if limits[name] is not None:
                 data = data[: limits[name]]
-            if name != "train":  # fixed, seeded binarization for comparable evaluations
-                data = torch.bernoulli(data, generator=generator)
             self.splits[name] = data.contiguous()
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
             TensorRows(self.splits[split]),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             collate_fn=_stack,
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+    def train_dataloader(self) -> ShuffledBatches:
+        rank, world = (
+            (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
+        )
+        # The global seed (seed_everything) fixes the permutation of every epoch.
+        self.train_batches = ShuffledBatches(
+            self.splits["train"], self.batch_size, torch.initial_seed(), rank, world
+        )
+        return self.train_batches
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Batch:
         if self.trainer is not None and self.trainer.training:
+            if self.train_batches is not None:
+                self.train_batches.mark_consumed()
             batch = torch.bernoulli(batch)  # dynamic binarization, on the training device
         return self.split_context(batch)
 

@@ -9,6 +9,7 @@ and how to fix it.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.request
@@ -22,8 +23,20 @@ class DataError(RuntimeError):
     """A data file is missing, corrupt, or not what the reader expects."""
 
 
+GIT_BLOB_SHA1 = "git-blob-sha1"
+
+
 def file_digest(path: Path, algorithm: str = "md5") -> str:
-    digest = hashlib.new(algorithm)
+    """Hex digest of a file; ``algorithm`` is a :mod:`hashlib` name or ``"git-blob-sha1"``.
+
+    A git blob id is the sha1 of ``b"blob <size>\\0"`` followed by the bytes: it lets a file be
+    checked against the id a repository lists for it (``git ls-tree``) without any other hash.
+    """
+    if algorithm == GIT_BLOB_SHA1:
+        digest = hashlib.sha1()
+        digest.update(f"blob {Path(path).stat().st_size}\0".encode())
+    else:
+        digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -60,10 +73,13 @@ def download(
                 while block := resp.read(1 << 20):
                     out.write(block)
             verify_checksum(tmp, checksum, algorithm, source=f" from {url}")
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a data file is not
             os.replace(tmp, target)  # atomic on POSIX: the target is either absent or complete
             return target
-        except (OSError, DataError) as err:
-            failures.append(f"{url}: {err}")
+        except (OSError, ValueError, http.client.HTTPException, DataError) as err:
+            # OSError: no network, HTTP errors; HTTPException: a connection cut mid-transfer
+            # (IncompleteRead); ValueError: a malformed URL.
+            failures.append(f"{url}: {err!r}" if not str(err) else f"{url}: {err}")
         finally:
             tmp.unlink(missing_ok=True)
     raise DataError(

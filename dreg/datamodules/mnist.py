@@ -27,13 +27,19 @@ IMAGE_FILES = {
     "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3", 10000),
 }
 NUM_TRAIN = 50000
+SIDE = 28
 IDX_IMAGE_MAGIC = 2051
 
 
-def read_idx_images(path: Path, expected_count: int | None = None) -> np.ndarray:
+def read_idx_images(
+    path: Path, expected_count: int | None = None, side: int | None = None
+) -> np.ndarray:
     """Read a gzipped IDX image file into ``uint8 [N, rows * cols]``.
 
-    :raises DataError: naming the file when it is not gzip, not IDX images, or truncated.
+    :param expected_count: the number of images the file must hold.
+    :param side: the image height and width the file must have (28 for MNIST).
+    :raises DataError: naming the file when it is not gzip, not IDX images, truncated, or of
+        the wrong count or size.
     """
     fix = f"delete {path} and download it again ({MIRRORS[0]}{path.name})"
     try:
@@ -51,6 +57,8 @@ def read_idx_images(path: Path, expected_count: int | None = None) -> np.ndarray
             f"{path}: header says {count}x{rows}x{cols} pixels but the file holds "
             f"{len(raw) - 16} bytes (truncated); {fix}"
         )
+    if side is not None and (rows, cols) != (side, side):
+        raise DataError(f"{path}: {count}x{rows}x{cols} images, expected {side}x{side}; {fix}")
     if expected_count is not None and count != expected_count:
         raise DataError(f"{path}: {count} images, expected {expected_count}; {fix}")
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(count, rows * cols)
@@ -95,7 +103,9 @@ class MNISTDataModule(BinarizedDataModule):
             path = ensure_file(self.raw_dir, name, md5, self.download)
             if self.verify:
                 verify_checksum(path, md5, source=f" from {MIRRORS[0]}{name}")
-            arrays.append(torch.from_numpy(read_idx_images(path, count).astype(np.float32) / 255))
+            arrays.append(
+                torch.from_numpy(read_idx_images(path, count, SIDE).astype(np.float32) / 255)
+            )
         return arrays[0], arrays[1]
 
     def load_splits(self) -> dict[str, Tensor]:

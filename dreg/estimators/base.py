@@ -67,6 +67,9 @@ class Estimator(nn.Module):
     name: str = "estimator"
     family: str = "iwae"
     min_samples: int = 1
+    # DReG identities (Tucker et al. 2019, eq. 5) need i.i.d. samples: antithetic pairs make
+    # those estimators biased, so the LightningModule refuses the combination.
+    needs_independent_samples: bool = False
 
     def __init__(self, num_samples: int) -> None:
         super().__init__()

@@ -1,0 +1,84 @@
+"""Fail fast: check a composed config before any data is read or any file is written.
+
+Hydra already rejects unknown group options (listing the valid ones) and unknown keys (struct
+mode). This catches values that compose fine but cannot work, each with a one-line message
+naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: must be {rule}; override it, e.g. {key}=<{rule}>")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first impossible value in ``cfg``."""
+    model, data = cfg.model, cfg.dataset
+    _require(
+        _positive_int(model.num_samples), "model.num_samples", model.num_samples, "an integer >= 1"
+    )
+    _require(
+        _positive_int(model.eval_num_samples),
+        "model.eval_num_samples",
+        model.eval_num_samples,
+        "an integer >= 1",
+    )
+    _require(
+        _positive_int(model.eval_chunk_size),
+        "model.eval_chunk_size",
+        model.eval_chunk_size,
+        "an integer >= 1",
+    )
+    _require(
+        _positive_int(data.batch_size), "dataset.batch_size", data.batch_size, "an integer >= 1"
+    )
+    _require(
+        _positive_int(data.eval_batch_size),
+        "dataset.eval_batch_size",
+        data.eval_batch_size,
+        "an integer >= 1",
+    )
+    lr = model.optimizer.get("lr")
+    _require(isinstance(lr, int | float) and lr > 0, "model.optimizer.lr", lr, "a number > 0")
+    policy = model.get("nonfinite", "raise")
+    _require(policy in ("raise", "skip"), "model.nonfinite", policy, "raise or skip")
+    steps = cfg.trainer.get("max_steps", -1)
+    _require(
+        steps == -1 or _positive_int(steps), "trainer.max_steps", steps, "an integer >= 1 (or -1)"
+    )
+    if "alpha" in cfg.estimator:
+        alpha = cfg.estimator.alpha
+        _require(
+            isinstance(alpha, int | float) and 0 <= alpha <= 1,
+            "estimator.alpha",
+            alpha,
+            "a number in [0, 1]",
+        )
+    try:  # estimators check their own K (jackknife estimators need K >= 2)
+        estimator = instantiate(cfg.estimator)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"estimator: {cause}") from err
+    except ValueError as err:
+        raise ConfigError(f"estimator: {err}") from err
+    if model.get("antithetic") and estimator.needs_independent_samples:
+        raise ConfigError(
+            f"model.antithetic=true: estimator '{estimator.name}' is unbiased only for "
+            "independent samples; set model.antithetic=false or use iwae/vae/stl/rws/jvi"
+        )

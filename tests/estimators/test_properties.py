@@ -1,0 +1,144 @@
+"""Exact (non-statistical) properties: K = 1 reductions, construction errors, extreme
+log-weights, the identities that define the _norm variants, and dreg_cv's training signal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dreg.estimators import DReGAlpha, DReGCV, DReGIWAE, DReGRWS, Estimator
+from tests.analytic import GaussianModel
+from tests.estimators.cases import ESTIMATORS, MIN_SAMPLES, NAMES
+
+INF = math.inf
+
+
+def fields(weights) -> dict[str, torch.Tensor]:
+    return {k: getattr(weights, k) for k in ("objective", "model", "path", "score")}
+
+
+# -- K = 1 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "same_as"), [("iwae", "vae"), ("dreg_iwae", "stl")])
+def test_k1_reductions(name, same_as):
+    draw = GaussianModel.default().draw(1, num_draws=4, seed=0)
+    weights = ESTIMATORS[name](1).double()(draw.particles.log_w)
+    other = ESTIMATORS[same_as](1).double()(draw.particles.log_w)
+    for key, value in fields(weights).items():
+        assert torch.equal(value, fields(other)[key]), key
+    for got, want in zip(draw.gradients(weights), draw.gradients(other), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_k1_dreg_rws_inference_gradient_is_exactly_zero():
+    draw = GaussianModel.default().draw(1, num_draws=4, seed=0)
+    weights = DReGRWS(1).double()(draw.particles.log_w)
+    assert weights.path.eq(0).all() and weights.score.eq(0).all()
+    _, inference = draw.gradients(weights)
+    assert inference.eq(0).all()
+
+
+# -- construction ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_too_few_samples_raise_at_construction(name):
+    min_samples = MIN_SAMPLES.get(name, 1)
+    assert ESTIMATORS[name](min_samples).min_samples == min_samples
+    with pytest.raises(ValueError, match=rf"'{name}' needs num_samples \(K\) >= {min_samples}"):
+        ESTIMATORS[name](min_samples - 1)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_dreg_alpha_rejects_alpha_outside_unit_interval(alpha):
+    with pytest.raises(ValueError, match="0 <= alpha <= 1"):
+        DReGAlpha(4, alpha=alpha)
+
+
+@pytest.mark.parametrize(("alpha", "family"), [(0.0, "iwae"), (1.0, "rws"), (0.9, "mixed")])
+def test_dreg_alpha_family(alpha, family):
+    assert DReGAlpha(4, alpha=alpha).family == family
+
+
+def test_wrong_shape_raises():
+    with pytest.raises(ValueError, match=r"shape \[K=4, B\]"):
+        ESTIMATORS["iwae"](4)(torch.zeros(3, 2))
+
+
+# -- extreme log-weights --------------------------------------------------------------------
+def extreme_log_weights(dtype: torch.dtype, with_inf: bool) -> torch.Tensor:
+    """``[8, 3]``: columns spread over 1e4 nats; optionally one -inf sample per column."""
+    log_w = torch.tensor([0.0, -1e4, -3.0, -5e3, 2.0, -1e4 + 1, -7.0, -9e3], dtype=dtype)
+    log_w = torch.stack([log_w - 100, log_w.flip(0) + 50, log_w.roll(3)], dim=1)
+    if with_inf:
+        log_w[[6, 1, 0], [0, 1, 2]] = -INF
+    return log_w
+
+
+@pytest.mark.parametrize("with_inf", [False, True], ids=["spread", "minus_inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", NAMES)
+def test_extreme_log_weights_give_finite_coefficients(name, dtype, with_inf):
+    estimator = ESTIMATORS[name](8).to(dtype)
+    weights = estimator(extreme_log_weights(dtype, with_inf))
+    for key, value in fields(weights).items():
+        if key == "objective" and name == "vae" and with_inf:
+            # The ELBO of a draw containing a zero-weight sample is -inf: reported truthfully.
+            assert value.eq(-INF).all()
+            continue
+        assert torch.isfinite(value).all(), key
+    if weights.aux_loss is not None:
+        assert torch.isfinite(weights.aux_loss)
+
+
+# -- the _norm variants ---------------------------------------------------------------------
+def test_norm_variants_rescale_their_unnormalized_forms():
+    """dreg_iwae_norm = ESS * dreg_iwae and dreg_rws_norm = dreg_rws / (1 - 1/ESS), per draw,
+    with ESS = 1 / sum_k w~_k^2 (the documented definitions)."""
+    log_w = GaussianModel.default().draw(16, num_draws=5, seed=4).particles.log_w
+    inv_ess = torch.softmax(log_w, 0).square().sum(0)  # [B]
+    dreg, norm = DReGIWAE(16).double()(log_w), ESTIMATORS["dreg_iwae_norm"](16).double()(log_w)
+    assert torch.allclose(norm.path, dreg.path / inv_ess, atol=1e-12)
+    rws, rws_norm = DReGRWS(16).double()(log_w), ESTIMATORS["dreg_rws_norm"](16).double()(log_w)
+    assert torch.allclose(rws_norm.path, rws.path / (1 - inv_ess), atol=1e-12)
+    assert torch.allclose(norm.path.sum(0), torch.ones_like(inv_ess))
+    assert torch.allclose(rws_norm.path.sum(0), torch.ones_like(inv_ess))
+
+
+# -- dreg_cv --------------------------------------------------------------------------------
+def test_dreg_cv_beta_one_is_dreg_iwae():
+    log_w = GaussianModel.default().draw(8, num_draws=3, seed=5).particles.log_w
+    cv = DReGCV(8, beta=1.0, learn=False).double()(log_w)
+    dreg = DReGIWAE(8).double()(log_w)
+    assert cv.aux_loss is None
+    assert torch.allclose(cv.path, dreg.path) and torch.allclose(cv.score, dreg.score)
+
+
+def test_dreg_cv_aux_loss_trains_only_its_coefficients():
+    estimator = DReGCV(8).double()
+    draw = GaussianModel.default().draw(8, num_draws=3, seed=6)
+    weights = estimator(draw.particles.log_w)
+    assert weights.aux_loss is not None and weights.aux_loss.dim() == 0
+    for tensor in (weights.model, weights.path, weights.score, weights.objective):
+        assert not tensor.requires_grad  # coefficients stay detached
+    weights_before = [p.detach().clone() for p in estimator.parameters()]
+    optimizer = torch.optim.SGD(estimator.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        aux = estimator(draw.particles.log_w).aux_loss
+        aux.backward()
+        losses.append(aux.item())
+        optimizer.step()
+    assert losses[-1] < losses[0]
+    assert any(
+        not torch.equal(a, b) for a, b in zip(weights_before, estimator.parameters(), strict=True)
+    )
+
+
+def test_estimators_are_modules_with_names():
+    for name in NAMES:
+        estimator = ESTIMATORS[name](4)
+        assert isinstance(estimator, Estimator) and estimator.name == name
+        assert estimator.family in ("iwae", "rws", "jvi", "mixed")

@@ -1,0 +1,224 @@
+"""Reliability: exact resume after a real kill, atomic checkpoints, fail-fast configs,
+numerical-fault policies, sweeps that survive a failing job, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreg.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from dreg.model import VAE
+from dreg.run import train
+from tests.conftest import ROOT, TINY_RUN, requires_mnist
+
+CLI = [sys.executable, "train.py"]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# -- preemption and exact resume ------------------------------------------------------------
+RESUME_RUN = [*TINY_RUN, "trainer.max_steps=40", "trainer.val_check_interval=10"]
+
+
+def final_state(run_dir: Path) -> dict:
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    return {
+        "model": checkpoint["state_dict"],
+        "optimizer": checkpoint["optimizer_states"],
+        "step": checkpoint["global_step"],
+    }
+
+
+@requires_mnist
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_killed_run_resumes_bitwise_identical(tmp_path, sig):
+    reference = tmp_path / "reference"
+    assert cli(*RESUME_RUN, f"hydra.run.dir={reference}").returncode == 0
+
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [*CLI, *RESUME_RUN, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = run_dir / "checkpoints" / "best-step10.ckpt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)  # mid-epoch, between step 10 and 40
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-2000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "preempted" and 10 <= status["global_step"] < 40, status
+    assert not (run_dir / "metrics.json").exists()
+
+    result = cli(*RESUME_RUN, f"hydra.run.dir={run_dir}", "resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    got, want = final_state(run_dir), final_state(reference)
+    assert got["step"] == want["step"] == 40
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    for got_group, want_group in zip(got["optimizer"], want["optimizer"], strict=True):
+        for key, state in want_group["state"].items():
+            for field, value in state.items():
+                assert torch.equal(got_group["state"][key][field], value), (key, field)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state": torch.ones(3)}, path)
+
+    def killed_mid_write(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # as if killed while writing
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(io.load_checkpoint(path)["state"], torch.ones(3))  # old one intact
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or truncated.*delete it"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+@requires_mnist
+def test_resume_from_a_corrupt_checkpoint_fails_clearly_on_the_cli(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"\x00" * 100)
+    result = cli(*TINY_RUN, f"hydra.run.dir={tmp_path}", "resume=true")
+    assert result.returncode != 0
+    assert "is corrupt or truncated" in result.stderr
+
+
+# -- fail-fast configuration ----------------------------------------------------------------
+BAD_OVERRIDES = {
+    "K<1": (["model.num_samples=0"], "model.num_samples=0"),
+    "batch<=0": (["dataset.batch_size=0"], "dataset.batch_size=0"),
+    "lr<=0": (["model.optimizer.lr=-0.1"], "model.optimizer.lr=-0.1"),
+    "eval_num_samples<1": (["model.eval_num_samples=0"], "model.eval_num_samples=0"),
+    "nonfinite-policy": (["model.nonfinite=ignore"], "model.nonfinite=ignore"),
+    "jackknife-K<2": (["estimator=jvi", "model.num_samples=1"], "estimator: estimator 'jvi'"),
+    "alpha>1": (["estimator=dreg_alpha", "estimator.alpha=1.5"], "estimator.alpha=1.5"),
+    "antithetic-dreg": (
+        ["estimator=dreg_iwae", "model.antithetic=true"],
+        "model.antithetic=true: estimator 'dreg_iwae'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OVERRIDES), ids=list(BAD_OVERRIDES))
+def test_bad_value_fails_fast_with_one_line(tmp_path, case):
+    overrides, expected = BAD_OVERRIDES[case]
+    result = cli(*overrides, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {expected}"), result.stderr[-1000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "train.log"]
+
+
+def test_unknown_key_typo_fails_before_anything_runs(tmp_path):
+    result = cli("model.num_sampels=3", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "Could not override 'model.num_sampels'" in result.stderr
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+# -- numerical faults -----------------------------------------------------------------------
+def inject_nan_at_call(monkeypatch, call: int) -> None:
+    """Make the model's log p(x, z) NaN on its ``call``-th training evaluation."""
+    original, count = VAE.log_joint, {"n": 0}
+
+    def log_joint(self, x, z, context=None):
+        out = original(self, x, z, context)
+        if torch.is_grad_enabled():
+            count["n"] += 1
+            if count["n"] == call:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(VAE, "log_joint", log_joint)
+
+
+@requires_mnist
+def test_nan_raises_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    inject_nan_at_call(monkeypatch, 6)  # the 6th step; validation + checkpoints at 2 and 4
+    cfg = tiny_cfg("trainer.max_steps=8")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss.*step 5 \(epoch 0, batch 5\)"):
+        train(cfg)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+@requires_mnist
+def test_nan_skip_policy_drops_the_update_and_counts_it(tiny_cfg, tmp_path, monkeypatch):
+    inject_nan_at_call(monkeypatch, 3)
+    cfg = tiny_cfg("trainer.max_steps=6", "model.nonfinite=skip")
+    metrics = train(cfg)
+    assert metrics["global_step"] == 6  # skipped updates do not count as steps
+    assert metrics["train/skipped_steps"] == 1
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+# -- sweeps and determinism -----------------------------------------------------------------
+@requires_mnist
+@pytest.mark.slow
+def test_a_failing_job_does_not_lose_the_others(tmp_path):
+    result = cli(
+        "-m",
+        "debug=fast",
+        "trainer.max_steps=2",
+        "model.optimizer.lr=0.001,-1",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode != 0  # Hydra reports the failure after running every job
+    with open(tmp_path / "summary.csv") as f:
+        rows = {row["job"]: row for row in csv.DictReader(f)}
+    good = rows["debug=fast,model.optimizer.lr=0.001"]
+    bad = rows["debug=fast,model.optimizer.lr=-1"]
+    assert good["status"] == "completed" and float(good["test/log_likelihood"]) < 0
+    assert bad["status"] == "failed" and "model.optimizer.lr=-1" in bad["error"]
+    assert (tmp_path / "debug=fast,model.optimizer.lr=0.001" / "metrics.json").exists()
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_same_seed_same_config_gives_identical_metrics(tiny_cfg, tmp_path):
+    first = train(tiny_cfg())
+    os.rename(tmp_path / "checkpoints", tmp_path / "first-checkpoints")
+    second = train(tiny_cfg())
+    for key in ("test/log_likelihood", "test/bound", "train/objective"):
+        assert first[key] == second[key], key
