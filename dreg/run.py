@@ -62,7 +62,9 @@ def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:
     path = Path(ckpt_path)
     if not path.is_file():
         raise ValueError(f"ckpt_path={ckpt_path} is not a file; pass a Lightning .ckpt file")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    # Not weights_only: the checkpoint also holds RNG states (numpy arrays). Like Lightning's
+    # own resume, this trusts the file: load only checkpoints you made.
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
 
 

@@ -1,7 +1,6 @@
-"""Lightning callbacks that measure gradient estimators along a training trajectory.
-
-Definitions of every logged statistic, and their meaning under DDP: docs/diagnostics.md.
-"""
+"""Lightning callbacks: gradient statistics along a training trajectory (``grad_stats``,
+``estimator_compare``; definitions and DDP semantics in docs/diagnostics.md) and preemption
+checkpoints (``preemption``)."""
 
 from dreg.callbacks.estimator_compare import EstimatorComparison
 from dreg.callbacks.grad_stats import GradientStatistics
