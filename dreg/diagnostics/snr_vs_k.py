@@ -9,8 +9,9 @@ inference-network gradients (:class:`~dreg.diagnostics.moments.SampleMoments`). 
 estimators of one draw share its samples (common random numbers), so their curves differ by
 the estimator, not by the noise.
 
-Expected shape (Rainforth et al. 2018; Tucker et al. 2019): IWAE's inference SNR falls
-like 1/K while DReG's does not; every model-gradient SNR rises with K.
+Expected shape (Rainforth et al. 2018; Tucker et al. 2019): IWAE's inference SNR falls with
+K (like 1/K asymptotically, for this squared SNR), DReG's and STL's fall far less or not at
+all; every model-gradient SNR rises with K. docs/diagnostics.md shows a measured MNIST plot.
 
 Outputs (rank 0): ``snr_vs_k.csv``, the log-log plot ``snr_vs_k.png``, and both to the
 loggers (a W&B table and image when the logger is W&B). Under DDP the draws are dealt out
