@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,20 @@ def reference_seconds(estimator: str, k: int, device: str, steps: int, warmup: i
     return loop.seconds_per_step(steps, warmup)
 
 
+def proc_status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (Linux), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak resident set size (VmHWM) to the current one; return it in KiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status_kib("VmRSS")
+
+
 def eval_throughput(device: str, chunk: int, num_samples: int = 5000, points: int = 100) -> dict:
     """Points/s of the S-sample log-likelihood estimate, and its peak memory, at one chunk size.
 
@@ -104,7 +117,7 @@ def eval_throughput(device: str, chunk: int, num_samples: int = 5000, points: in
     x = torch.bernoulli(torch.full((points, 784), 0.13)).to(dev)
     net.log_likelihood(x[:1], 2 * chunk, chunk_size=chunk)  # warm-up: allocator, kernels
     synchronize(dev)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -114,8 +127,8 @@ def eval_throughput(device: str, chunk: int, num_samples: int = 5000, points: in
     seconds = time.perf_counter() - start
     if dev.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-    else:  # ru_maxrss is in KiB on Linux
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    else:
+        peak_mb = (proc_status_kib("VmHWM") - rss_before) / 1024
     return {"chunk_size": chunk, "points_per_s": points / seconds, "peak_mb": peak_mb}
 
 
@@ -181,6 +194,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--k-repeats", type=int, default=1, help="repetitions per K point")
     parser.add_argument("--quick", action="store_true", help="iwae and dreg_iwae only, few steps")
     parser.add_argument("--estimators", nargs="*", default=None)
     parser.add_argument("--eval-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -215,7 +229,7 @@ def main() -> None:
         for k in k_values:
             reps = [
                 reference_seconds(name, k, args.device, max(3, steps * 16 // k), 2)
-                for _ in range(args.repeats)
+                for _ in range(args.k_repeats)
             ]
             seconds[str(k)] = statistics.median(reps)
         versus_k[name] = {"seconds": seconds, "slope": slope(k_values, list(seconds.values()))}

@@ -35,15 +35,22 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 # -- preemption and exact resume ------------------------------------------------------------
-RESUME_RUN = [*TINY_RUN, "trainer.max_steps=40", "trainer.val_check_interval=10"]
+RESUME_RUN = [
+    *TINY_RUN,
+    "trainer.max_steps=40",
+    "trainer.val_check_interval=10",
+    "callbacks=grad_stats",
+]
 
 
 def final_state(run_dir: Path) -> dict:
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    (stats,) = [v for k, v in checkpoint["callbacks"].items() if "GradientStatistics" in k]
     return {
         "model": checkpoint["state_dict"],
         "optimizer": checkpoint["optimizer_states"],
         "step": checkpoint["global_step"],
+        "grad_stats": stats,
     }
 
 
@@ -79,6 +86,9 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig):
     assert got["step"] == want["step"] == 40
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
+    for group, ema in want["grad_stats"].items():  # EMA gradient statistics continue exactly
+        assert got["grad_stats"][group]["steps"] == ema["steps"] == 40
+        assert torch.equal(got["grad_stats"][group]["m2"], ema["m2"]), group
     for got_group, want_group in zip(got["optimizer"], want["optimizer"], strict=True):
         for key, state in want_group["state"].items():
             for field, value in state.items():

@@ -42,6 +42,14 @@ class GradientStatistics(pl.Callback):
         self.ema = {group: EMAMoments(decay) for group in GROUPS}
         self.last_metrics: dict[str, float] = {}
 
+    # Saved in checkpoints, so a resumed run continues the same moving averages.
+    def state_dict(self) -> dict:
+        return {group: ema.state_dict() for group, ema in self.ema.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for group, ema_state in state.items():
+            self.ema[group].load_state_dict(ema_state)
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:

@@ -79,6 +79,18 @@ class EMAMoments:
         self.m2.mul_(self.decay).add_(g * g, alpha=1 - self.decay)
         self.steps += 1
 
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue the averages exactly."""
+        return {"decay": self.decay, "steps": self.steps, "m1": self.m1, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.steps, self.m1, self.m2 = (
+            state["decay"],
+            state["steps"],
+            state["m1"],
+            state["m2"],
+        )
+
     def moments(self) -> tuple[Tensor, Tensor]:
         """Bias-corrected ``(mean, variance)`` per coordinate, ``[D]`` each."""
         if self.m1 is None:
