@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dreg.estimators.ops import iwae_bound
+
 
 @dataclass
 class GradientWeights:
@@ -97,5 +99,15 @@ def check_log_weights(log_w: Tensor, num_samples: int) -> Tensor:
     return log_w.detach()
 
 
-def zeros_like_weights(log_w: Tensor) -> Tensor:
-    return torch.zeros_like(log_w)
+def iwae_model_weights(
+    log_w: Tensor, norm_w: Tensor, path: Tensor, score: Tensor | None = None
+) -> GradientWeights:
+    """The common case: the IWAE bound as objective and model gradient (m_k = w~_k), with
+    the estimator's own inference coefficients; ``score`` defaults to 0 (the DReG/STL forms
+    drop the score term)."""
+    return GradientWeights(
+        objective=iwae_bound(log_w),
+        model=norm_w,
+        path=path,
+        score=torch.zeros_like(norm_w) if score is None else score,
+    )

@@ -14,10 +14,14 @@ References:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from dreg.estimators.base import Estimator, GradientWeights, check_log_weights
+from dreg.estimators.base import (
+    Estimator,
+    GradientWeights,
+    check_log_weights,
+    iwae_model_weights,
+)
 from dreg.estimators.ops import iwae_bound, normalized_weights
 
 
@@ -52,9 +56,7 @@ class STL(Estimator):
     def forward(self, log_w: Tensor) -> GradientWeights:
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
         norm_w = normalized_weights(log_w)  # [K, B]
-        return GradientWeights(
-            objective=iwae_bound(log_w), model=norm_w, path=norm_w, score=torch.zeros_like(norm_w)
-        )
+        return iwae_model_weights(log_w, norm_w, path=norm_w)
 
 
 class DReGIWAE(Estimator):
@@ -72,12 +74,7 @@ class DReGIWAE(Estimator):
     def forward(self, log_w: Tensor) -> GradientWeights:
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
         norm_w = normalized_weights(log_w)  # [K, B]
-        return GradientWeights(
-            objective=iwae_bound(log_w),
-            model=norm_w,
-            path=norm_w.square(),
-            score=torch.zeros_like(norm_w),
-        )
+        return iwae_model_weights(log_w, norm_w, path=norm_w.square())
 
 
 class DReGIWAENorm(Estimator):
@@ -99,9 +96,4 @@ class DReGIWAENorm(Estimator):
     def forward(self, log_w: Tensor) -> GradientWeights:
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
         norm_w = normalized_weights(log_w)  # [K, B]
-        return GradientWeights(
-            objective=iwae_bound(log_w),
-            model=norm_w,
-            path=normalized_weights(2 * log_w),  # w~^2 / sum w~^2
-            score=torch.zeros_like(norm_w),
-        )
+        return iwae_model_weights(log_w, norm_w, path=normalized_weights(2 * log_w))  # w~^2/sum

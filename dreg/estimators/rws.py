@@ -21,9 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dreg.estimators.base import Estimator, GradientWeights, check_log_weights
+from dreg.estimators.base import (
+    Estimator,
+    GradientWeights,
+    check_log_weights,
+    iwae_model_weights,
+)
 from dreg.estimators.ops import (
-    iwae_bound,
     leave_one_out_logsumexp,
     log_one_minus_normalized,
     normalized_weights,
@@ -51,9 +55,7 @@ class RWS(Estimator):
     def forward(self, log_w: Tensor) -> GradientWeights:
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
         norm_w = normalized_weights(log_w)  # [K, B]
-        return GradientWeights(
-            objective=iwae_bound(log_w), model=norm_w, path=torch.zeros_like(norm_w), score=-norm_w
-        )
+        return iwae_model_weights(log_w, norm_w, path=torch.zeros_like(norm_w), score=-norm_w)
 
 
 class DReGRWS(Estimator):
@@ -70,12 +72,7 @@ class DReGRWS(Estimator):
     def forward(self, log_w: Tensor) -> GradientWeights:
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
         norm_w = normalized_weights(log_w)  # [K, B]
-        return GradientWeights(
-            objective=iwae_bound(log_w),
-            model=norm_w,
-            path=rws_dreg_weights(log_w),
-            score=torch.zeros_like(norm_w),
-        )
+        return iwae_model_weights(log_w, norm_w, path=rws_dreg_weights(log_w))
 
 
 class DReGRWSNorm(Estimator):
@@ -101,9 +98,7 @@ class DReGRWSNorm(Estimator):
         norm_w = normalized_weights(log_w)  # [K, B]
         # w~_k (1 - w~_k) is proportional to w_k * sum_{j != k} w_j.
         path = safe_softmax(log_w + leave_one_out_logsumexp(log_w), dim=0)  # [K, B]
-        return GradientWeights(
-            objective=iwae_bound(log_w), model=norm_w, path=path, score=torch.zeros_like(norm_w)
-        )
+        return iwae_model_weights(log_w, norm_w, path=path)
 
 
 class DReGAlpha(Estimator):
@@ -132,9 +127,7 @@ class DReGAlpha(Estimator):
         log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
         norm_w = normalized_weights(log_w)  # [K, B]
         path = (1 - self.alpha) * norm_w.square() + self.alpha * rws_dreg_weights(log_w)
-        return GradientWeights(
-            objective=iwae_bound(log_w), model=norm_w, path=path, score=torch.zeros_like(norm_w)
-        )
+        return iwae_model_weights(log_w, norm_w, path=path)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"
