@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from dreg.callbacks.preemption import Preempted
-from dreg.checkpointing import AtomicCheckpointIO
+from dreg.checkpointing import AtomicCheckpointIO, load_checkpoint
 from dreg.config import validate
 from dreg.lightning_module import DReGModule
 
@@ -59,12 +59,7 @@ def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:
     weights, not Lightning's full state (optimizer, step counters, a possibly different
     estimator's learned state).
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"ckpt_path={ckpt_path} is not a file; pass a Lightning .ckpt file")
-    # Not weights_only: the checkpoint also holds RNG states (numpy arrays). Like Lightning's
-    # own resume, this trusts the file: load only checkpoints you made.
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint(ckpt_path)["state_dict"]  # clear errors for missing/corrupt files
     net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
 
 

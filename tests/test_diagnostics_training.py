@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dreg.checkpointing import CheckpointError
 from dreg.run import build, build_trainer, train
 from tests.conftest import TINY_RUN, compose_config, requires_mnist
 
@@ -86,5 +87,5 @@ def test_inference_only_training_starts_from_the_checkpoint_weights(tmp_path):
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path):
     cfg = compose_config(["logger=csv", "ckpt_path=nope.ckpt", "train_model=false"], tmp_path)
-    with pytest.raises(ValueError, match="ckpt_path=nope.ckpt is not a file"):
+    with pytest.raises(CheckpointError, match="checkpoint nope.ckpt not found; check ckpt_path"):
         train(cfg)
