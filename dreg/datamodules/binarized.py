@@ -1,8 +1,10 @@
 """A LightningDataModule for binarized images held as one in-memory tensor.
 
 The step of this model is tiny (batch 32), so per-item DataLoader work would dominate. Each
-split is one float tensor of grey levels in [0, 1]; a batch is one fancy-indexing op
-(``__getitems__``), moved to the device and binarized there:
+split is one float tensor of grey levels in [0, 1], kept on the training device. A training
+batch is one index op (:class:`~dreg.datamodules.batches.ShuffledBatches`, resumable mid-epoch
+and sharded across DDP ranks); evaluation batches use a DataLoader whose dataset returns a
+whole batch from one index op (``__getitems__``). Binarization happens on the device:
 
 * training batches get a fresh Bernoulli draw every time (dynamic binarization, as in the
   original code);
