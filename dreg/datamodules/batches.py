@@ -42,11 +42,13 @@ class ShuffledBatches:
         return shard.to(self.data.device)
 
     def __iter__(self) -> Iterator[Tensor]:
+        if self.consumed >= len(self):
+            # The last epoch was fully trained on. Lightning stops after len(self) batches
+            # without exhausting the iterator, so the epoch advances here, not at StopIteration.
+            self.epoch, self.consumed = self.epoch + 1, 0
         order = self.permutation(self.epoch)
-        start = self.consumed
-        for i in range(start, len(self)):
+        for i in range(self.consumed, len(self)):
             yield self.data[order[i * self.batch_size : (i + 1) * self.batch_size]]
-        self.epoch, self.consumed = self.epoch + 1, 0
 
     def mark_consumed(self) -> None:
         """Called when the trainer takes a batch (the fetcher reads one batch ahead)."""
