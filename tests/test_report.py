@@ -64,3 +64,14 @@ def test_report_tables_and_plots_a_sweep(tmp_path):
         assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000
         assert f"]({name}.png)" in text
     assert not (tmp_path / "report" / "inference_grad_variance.png").exists()  # not logged
+
+
+def test_committed_results_regenerate_from_the_committed_run_summaries(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    regenerated = write_report(root / "runs", tmp_path).read_text()
+
+    def table(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("|")]
+
+    assert table(regenerated) == table((root / "results.md").read_text())
+    assert len(table(regenerated)) == 2 + 16  # header + 8 estimators x 2 datasets
