@@ -57,11 +57,17 @@ def test_mnist_missing_file(tmp_path: Path) -> None:
         dm.prepare_data()
 
 
-def test_mnist_missing_file_without_network(tmp_path: Path, monkeypatch) -> None:
+def go_offline(monkeypatch, reason: str) -> None:
+    """Make every download fail the way a machine without network does."""
+
     def offline(url, timeout=None):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        raise urllib.error.URLError(reason)
 
     monkeypatch.setattr(download_module.urllib.request, "urlopen", offline)
+
+
+def test_mnist_missing_file_without_network(tmp_path: Path, monkeypatch) -> None:
+    go_offline(monkeypatch, "[Errno -3] Temporary failure in name resolution")
     with pytest.raises(DataError, match=rf"could not download {TRAIN_IMAGES} .*name resolution"):
         MNISTDataModule(tmp_path).prepare_data()
     assert no_leftovers(tmp_path / "MNIST" / "raw") == []
@@ -191,10 +197,7 @@ def test_omniglot_no_source(tmp_path: Path) -> None:
 
 
 def test_omniglot_no_source_and_no_network(tmp_path: Path, monkeypatch) -> None:
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("Network is unreachable")
-
-    monkeypatch.setattr(download_module.urllib.request, "urlopen", offline)
+    go_offline(monkeypatch, "Network is unreachable")
     with pytest.raises(DataError, match=r"could not download chardata.mat .*unreachable"):
         OmniglotDataModule(tmp_path).prepare_data()
     assert no_leftovers(tmp_path / "omniglot") == []
