@@ -32,8 +32,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     estimators = {n: f(args.k) for n, f in ESTIMATORS.items() if n != "dreg_cv"}
-    estimators["dreg_cv"] = DReGCV(args.k)
-    estimators["dreg_cv@beta=1"] = DReGCV(args.k, beta=1.0)
+    estimators["dreg_cv"] = DReGCV()
+    estimators["dreg_cv@beta=1"] = DReGCV(beta=1.0)
     model = GaussianModel.default()
     estimators["dreg_cv@trained"] = train_control_variates(model, args.k, args.cv_steps)
     draw = model.draw(args.k, args.draws, seed=args.seed)

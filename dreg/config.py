@@ -13,6 +13,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from dreg.estimators.base import check_num_samples
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
@@ -62,16 +64,9 @@ def validate(cfg: DictConfig) -> None:
     _require(
         steps == -1 or _positive_int(steps), "trainer.max_steps", steps, "an integer >= 1 (or -1)"
     )
-    if "alpha" in cfg.estimator:
-        alpha = cfg.estimator.alpha
-        _require(
-            isinstance(alpha, int | float) and 0 <= alpha <= 1,
-            "estimator.alpha",
-            alpha,
-            "a number in [0, 1]",
-        )
-    try:  # estimators check their own K (jackknife estimators need K >= 2)
+    try:  # the estimator's own rules (e.g. dreg_alpha's alpha), then K against its minimum
         estimator = instantiate(cfg.estimator)
+        check_num_samples(type(estimator), model.num_samples)
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise ConfigError(f"estimator: {cause}") from err

@@ -24,7 +24,8 @@ class DReGModule(pl.LightningModule):
     """Lightning wrapper: training with an estimator, evaluation of bounds and log-likelihood.
 
     :param net: the latent-variable model.
-    :param estimator: the gradient estimator (its ``num_samples`` is K).
+    :param estimator: the gradient estimator.
+    :param num_samples: K, the importance samples per data point in training.
     :param optimizer: a partial optimizer, called with two parameter groups
         (``model`` then ``inference``).
     :param eval_num_samples: S of the log-likelihood estimate log (1/S sum_s w_s) (5000).
@@ -54,28 +55,11 @@ class DReGModule(pl.LightningModule):
         nonfinite: str = "raise",
     ) -> None:
         super().__init__()
-        if estimator.num_samples != num_samples:
-            raise ValueError(
-                f"estimator K={estimator.num_samples} differs from model.num_samples="
-                f"{num_samples}; set the estimator's num_samples to ${{model.num_samples}}"
-            )
-        if eval_num_samples < 1 or eval_chunk_size < 1:
-            raise ValueError(
-                f"eval_num_samples and eval_chunk_size must be >= 1, got {eval_num_samples}, "
-                f"{eval_chunk_size}"
-            )
-        if antithetic and estimator.needs_independent_samples:
-            raise ValueError(
-                f"estimator '{estimator.name}' is unbiased only for independent samples; "
-                "antithetic pairs bias it: set model.antithetic=false or use iwae/vae/stl/rws/jvi"
-            )
         self.save_hyperparameters(ignore=["net", "estimator", "optimizer"])
         self.net, self.estimator, self.optimizer_factory = net, estimator, optimizer
         self.num_samples = num_samples
         self.eval_num_samples, self.eval_chunk_size = eval_num_samples, eval_chunk_size
         self.antithetic, self.train_model = antithetic, train_model
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.nonfinite, self.skipped_steps = nonfinite, 0
         if compile:
             for mlp in (self.net.encoder, self.net.decoder):

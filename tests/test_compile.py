@@ -16,7 +16,7 @@ from dreg.model import VAE
 def module(compile_: bool) -> DReGModule:
     torch.manual_seed(0)
     net = VAE(784, train_mean=torch.rand(784) * 0.3)
-    return DReGModule(net, DReGIWAE(16), torch.optim.Adam, num_samples=16, compile=compile_)
+    return DReGModule(net, DReGIWAE(), torch.optim.Adam, num_samples=16, compile=compile_)
 
 
 @pytest.mark.slow

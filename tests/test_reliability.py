@@ -138,7 +138,7 @@ BAD_OVERRIDES = {
     "eval_num_samples<1": (["model.eval_num_samples=0"], "model.eval_num_samples=0"),
     "nonfinite-policy": (["model.nonfinite=ignore"], "model.nonfinite=ignore"),
     "jackknife-K<2": (["estimator=jvi", "model.num_samples=1"], "estimator: estimator 'jvi'"),
-    "alpha>1": (["estimator=dreg_alpha", "estimator.alpha=1.5"], "estimator.alpha=1.5"),
+    "alpha>1": (["estimator=dreg_alpha", "estimator.alpha=1.5"], "estimator: alpha=1.5: dreg_alpha needs"),
     "antithetic-dreg": (
         ["estimator=dreg_iwae", "model.antithetic=true"],
         "model.antithetic=true: estimator 'dreg_iwae'",

@@ -28,8 +28,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dreg.diagnostics.moments import EMAMoments
-from dreg.diagnostics.sampling import build_estimator, flat_gradient, group_parameters
-from dreg.estimators import Estimator, surrogate_losses
+from dreg.diagnostics.sampling import flat_gradient, group_parameters
+from dreg.estimators import Estimator, estimator_by_name, surrogate_losses
+from dreg.estimators.base import check_num_samples
 
 
 class EstimatorComparison(pl.Callback):
@@ -58,7 +59,9 @@ class EstimatorComparison(pl.Callback):
                 "EstimatorComparison replays one batch per optimizer step; set "
                 "trainer.accumulate_grad_batches=1 or drop the estimator_compare callback"
             )
-        self.estimators = [build_estimator(n, pl_module.num_samples) for n in self.names]
+        self.estimators = [estimator_by_name(name) for name in self.names]
+        for estimator in self.estimators:  # fail at set-up, not at the first logged step
+            check_num_samples(type(estimator), pl_module.num_samples)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int

@@ -34,7 +34,6 @@ from torch import Tensor
 
 from dreg.diagnostics.sampling import (
     DiagnosticJob,
-    build_estimator,
     derived_seed,
     group_gradients,
     group_parameters,
@@ -44,6 +43,7 @@ from dreg.diagnostics.sampling import (
     tensor_slices,
     training_batch,
 )
+from dreg.estimators import estimator_by_name
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class PairedDifferences:
                 f"estimator '{self.estimator.name}' has family '{self.estimator.family}', which "
                 f"has no reference gradient; the bias check covers the families {FAMILIES}"
             )
-        self.reference = build_estimator(self.estimator.family, module.num_samples)
+        self.reference = estimator_by_name(self.estimator.family)
         self.reference.to(job.device)
         if self.reference.name == self.estimator.name:
             raise ValueError(

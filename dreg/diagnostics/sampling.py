@@ -17,7 +17,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -28,29 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dreg.datamodules.binarized import Batch
-from dreg.estimators import Estimator, GradientWeights, Particles, surrogate_losses
+from dreg.estimators import GradientWeights, Particles, surrogate_losses
 from dreg.lightning_module import DReGModule
 from dreg.model import VAE
 
 log = logging.getLogger(__name__)
 
-ESTIMATOR_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "estimator"
 GROUPS = ("model", "inference")
-
-
-def build_estimator(name: str, num_samples: int) -> Estimator:
-    """The estimator of ``conf/estimator/<name>.yaml`` with K = ``num_samples``.
-
-    The YAML is the registry (it reads K as ``${model.num_samples}``), so any estimator that
-    training can use, the diagnostics can use too.
-    """
-    path = ESTIMATOR_CONF_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in ESTIMATOR_CONF_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown estimator '{name}' (no {path}); choose one of {known}")
-    root = OmegaConf.create({"model": {"num_samples": num_samples}})
-    root.estimator = OmegaConf.load(path)
-    return instantiate(root.estimator)
 
 
 def derived_seed(*keys: int) -> int:

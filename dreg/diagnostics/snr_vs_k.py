@@ -38,7 +38,6 @@ from dreg.diagnostics.moments import SampleMoments
 from dreg.diagnostics.sampling import (
     GROUPS,
     DiagnosticJob,
-    build_estimator,
     derived_seed,
     group_gradients,
     group_parameters,
@@ -47,6 +46,7 @@ from dreg.diagnostics.sampling import (
     start_job,
     training_batch,
 )
+from dreg.estimators import estimator_by_name
 
 matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
@@ -67,15 +67,15 @@ def study(job: DiagnosticJob, cfg: DictConfig) -> list[dict[str, Any]]:
         batch = training_batch(job.datamodule, 0, int(mode.batch_size), device)
     params = {g: group_parameters(net, g)[1] for g in GROUPS}
     dims = {g: sum(p.numel() for p in ps) for g, ps in params.items()}
+    every_estimator = [estimator_by_name(name).to(device) for name in mode.estimators]
     rows = []
     for num_samples in mode.num_samples:
         estimators = []
-        for name in mode.estimators:
-            estimator = build_estimator(name, num_samples)
+        for estimator in every_estimator:
             if num_samples >= estimator.min_samples:
-                estimators.append(estimator.to(device))
+                estimators.append(estimator)
             elif job.fabric.is_global_zero:
-                log.info("skipping %s at K=%d (needs K >= %d)", name, num_samples,
+                log.info("skipping %s at K=%d (needs K >= %d)", estimator.name, num_samples,
                          estimator.min_samples)  # fmt: skip
         moments = {(e.name, g): SampleMoments(dims[g], device) for e in estimators for g in GROUPS}
         for draw in range(num_draws):

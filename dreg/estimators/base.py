@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dreg.estimators.ops import iwae_bound
+from dreg.estimators.ops import iwae_bound, normalized_weights
 
 
 @dataclass
@@ -60,43 +60,48 @@ class Estimator(nn.Module):
 
     Subclasses set ``name`` (the config name), ``family`` (which reference gradient the
     bias check compares against: ``"iwae"``, ``"rws"`` or ``"jvi"``) and ``min_samples``, and
-    implement :meth:`forward`. They are ``nn.Module`` so that estimators with learned state
-    (control variates) are checkpointed and moved between devices like the model.
-
-    :param num_samples: K, the number of importance samples per data point.
+    implement :meth:`weights`, their formula. K is read from the log-weights they are given,
+    so one estimator object serves any K (the training K, a diagnostic's K sweep). They are
+    ``nn.Module`` so that estimators with learned state (control variates) are checkpointed
+    and moved between devices like the model.
     """
 
     name: str = "estimator"
     family: str = "iwae"
     min_samples: int = 1
     # DReG identities (Tucker et al. 2019, eq. 5) need i.i.d. samples: antithetic pairs make
-    # those estimators biased, so the LightningModule refuses the combination.
+    # those estimators biased, so the config check refuses the combination.
     needs_independent_samples: bool = False
 
-    def __init__(self, num_samples: int) -> None:
-        super().__init__()
-        if int(num_samples) != num_samples or num_samples < self.min_samples:
-            raise ValueError(
-                f"estimator '{self.name}' needs num_samples (K) >= {self.min_samples}, "
-                f"got K={num_samples}; set model.num_samples={max(self.min_samples, 2)} or more"
-            )
-        self.num_samples = int(num_samples)
+    def forward(self, log_w: Tensor) -> GradientWeights:
+        """Coefficients for the log-weights ``log_w`` of shape ``[K, B]``.
 
-    def forward(self, log_w: Tensor) -> GradientWeights:  # pragma: no cover - interface
-        """Coefficients for the log-weights ``log_w`` of shape ``[K, B]`` (detached)."""
+        Validates the shape and K once for every estimator, detaches (coefficients carry no
+        gradient) and computes the normalized weights w~ that nearly every formula needs.
+        """
+        if log_w.dim() != 2:
+            raise ValueError(f"expected log-weights of shape [K, B], got {tuple(log_w.shape)}")
+        check_num_samples(type(self), log_w.shape[0])
+        log_w = log_w.detach()  # [K, B]
+        return self.weights(log_w, normalized_weights(log_w))
+
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:  # pragma: no cover
+        """The estimator's formula: coefficients from detached ``log_w`` and ``norm_w`` =
+        softmax_k(log_w), both ``[K, B]``."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"name={self.name}, K={self.num_samples}"
+        return f"name={self.name}"
 
 
-def check_log_weights(log_w: Tensor, num_samples: int) -> Tensor:
-    """Validate shape ``[K, B]`` and return ``log_w`` detached (coefficients carry no grad)."""
-    if log_w.dim() != 2 or log_w.shape[0] != num_samples:
+def check_num_samples(estimator: type[Estimator], num_samples: int) -> None:
+    """Raise ``ValueError`` when K is too small for ``estimator`` (the one message for this
+    rule: the config check and every forward use it)."""
+    if num_samples < estimator.min_samples:
         raise ValueError(
-            f"expected log-weights of shape [K={num_samples}, B], got {tuple(log_w.shape)}"
+            f"estimator '{estimator.name}' needs K >= {estimator.min_samples}, got "
+            f"K={num_samples}; set model.num_samples={estimator.min_samples} or more"
         )
-    return log_w.detach()
 
 
 def iwae_model_weights(

@@ -43,8 +43,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dreg.estimators.base import Estimator, GradientWeights, check_log_weights
-from dreg.estimators.ops import iwae_bound, leave_one_out_logsumexp, normalized_weights
+from dreg.estimators.base import Estimator, GradientWeights
+from dreg.estimators.ops import iwae_bound, leave_one_out_logsumexp
 
 
 class DReGCV(Estimator):
@@ -67,26 +67,24 @@ class DReGCV(Estimator):
 
     def __init__(
         self,
-        num_samples: int,
         alpha: float = 0.0,
         beta: float = 0.0,
         gamma: float = 0.0,
         delta: float = 0.0,
         learn: bool = True,
     ) -> None:
-        super().__init__(num_samples)
+        super().__init__()
         self.learn = learn
         for key, value in {"alpha": alpha, "beta": beta, "gamma": gamma, "delta": delta}.items():
             self.register_parameter(key, nn.Parameter(torch.tensor(float(value)), learn))
 
     def coefficients(
-        self, log_w: Tensor, cv: tuple[Tensor, Tensor, Tensor, Tensor]
+        self, log_w: Tensor, norm_w: Tensor, cv: tuple[Tensor, Tensor, Tensor, Tensor]
     ) -> tuple[Tensor, Tensor]:
         """``(path, score)``, each ``[K, B]``, for control-variate values ``cv``; differentiable
         in ``cv`` (``log_w`` is detached)."""
         alpha, beta, gamma, delta = cv
-        k = self.num_samples
-        norm_w = normalized_weights(log_w)  # [K, B]
+        k = log_w.shape[0]
         bound = iwae_bound(log_w)  # [B]
         baseline = leave_one_out_logsumexp(log_w)  # [K, B]: b_k, independent of z_k
         # b_k = -inf only if every other weight is 0; any constant is a valid baseline then.
@@ -96,17 +94,16 @@ class DReGCV(Estimator):
         score = -(alpha * signal + (1 - beta) * ((1 - delta) / k - norm_w))
         return path, score
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         cv = (self.alpha, self.beta, self.gamma, self.delta)
-        path, score = self.coefficients(log_w, tuple(c.detach() for c in cv))
+        path, score = self.coefficients(log_w, norm_w, tuple(c.detach() for c in cv))
         aux_loss = None
         if self.learn and torch.is_grad_enabled():
-            cv_path, cv_score = self.coefficients(log_w, cv)
+            cv_path, cv_score = self.coefficients(log_w, norm_w, cv)
             aux_loss = (cv_path.square() + cv_score.square()).sum(0).mean()
         return GradientWeights(
             objective=iwae_bound(log_w),
-            model=normalized_weights(log_w),
+            model=norm_w,
             path=path,
             score=score,
             aux_loss=aux_loss,

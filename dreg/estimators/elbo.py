@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dreg.estimators.base import Estimator, GradientWeights, check_log_weights
+from dreg.estimators.base import Estimator, GradientWeights
 
 
 class ELBO(Estimator):
@@ -26,7 +26,6 @@ class ELBO(Estimator):
     name = "vae"
     family = "iwae"
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        uniform = torch.full_like(log_w, 1.0 / self.num_samples)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
+        uniform = torch.full_like(log_w, 1.0 / log_w.shape[0])  # [K, B]
         return GradientWeights(objective=log_w.mean(0), model=uniform, path=uniform, score=uniform)

@@ -19,7 +19,6 @@ from torch import Tensor
 from dreg.estimators.base import (
     Estimator,
     GradientWeights,
-    check_log_weights,
     iwae_model_weights,
 )
 from dreg.estimators.ops import iwae_bound, normalized_weights
@@ -36,9 +35,7 @@ class IWAE(Estimator):
     name = "iwae"
     family = "iwae"
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        norm_w = normalized_weights(log_w)  # [K, B], w~
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return GradientWeights(objective=iwae_bound(log_w), model=norm_w, path=norm_w, score=norm_w)
 
 
@@ -53,9 +50,7 @@ class STL(Estimator):
     name = "stl"
     family = "iwae"
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        norm_w = normalized_weights(log_w)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=norm_w)
 
 
@@ -71,9 +66,7 @@ class DReGIWAE(Estimator):
     family = "iwae"
     needs_independent_samples = True
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        norm_w = normalized_weights(log_w)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=norm_w.square())
 
 
@@ -93,7 +86,5 @@ class DReGIWAENorm(Estimator):
     family = "iwae"
     needs_independent_samples = True
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        norm_w = normalized_weights(log_w)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=normalized_weights(2 * log_w))  # w~^2/sum

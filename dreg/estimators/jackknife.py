@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from dreg.estimators.base import Estimator, GradientWeights, check_log_weights
+from dreg.estimators.base import Estimator, GradientWeights
 from dreg.estimators.ops import iwae_bound, leave_one_out_logsumexp, shift_to_max
 
 
@@ -72,8 +72,7 @@ class JVI(Estimator):
     family = "jvi"
     min_samples = 2
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         coef = jackknife_weights(log_w, power=1)  # [K, B]
         return GradientWeights(objective=jackknife_bound(log_w), model=coef, path=coef, score=coef)
 
@@ -92,8 +91,7 @@ class DReGJVI(Estimator):
     needs_independent_samples = True
     min_samples = 2
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return GradientWeights(
             objective=jackknife_bound(log_w),
             model=jackknife_weights(log_w, power=1),

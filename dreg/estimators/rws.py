@@ -21,18 +21,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dreg.estimators.base import (
-    Estimator,
-    GradientWeights,
-    check_log_weights,
-    iwae_model_weights,
-)
+from dreg.estimators.base import Estimator, GradientWeights, iwae_model_weights
 from dreg.estimators.ops import (
     leave_one_out_logsumexp,
     log_one_minus_normalized,
-    normalized_weights,
     safe_softmax,
 )
+
+
+def check_alpha(alpha: float) -> None:
+    """The one rule for DReG(alpha)'s mixing weight."""
+    if not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha={alpha}: dreg_alpha needs a number in [0, 1] (0.9 in the paper)")
 
 
 def rws_dreg_weights(log_w: Tensor) -> Tensor:
@@ -52,9 +52,7 @@ class RWS(Estimator):
     name = "rws"
     family = "rws"
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        norm_w = normalized_weights(log_w)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=torch.zeros_like(norm_w), score=-norm_w)
 
 
@@ -69,9 +67,7 @@ class DReGRWS(Estimator):
     family = "rws"
     needs_independent_samples = True
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        norm_w = normalized_weights(log_w)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=rws_dreg_weights(log_w))
 
 
@@ -93,9 +89,7 @@ class DReGRWSNorm(Estimator):
     needs_independent_samples = True
     min_samples = 2
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        norm_w = normalized_weights(log_w)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         # w~_k (1 - w~_k) is proportional to w_k * sum_{j != k} w_j.
         path = safe_softmax(log_w + leave_one_out_logsumexp(log_w), dim=0)  # [K, B]
         return iwae_model_weights(log_w, norm_w, path=path)
@@ -116,16 +110,13 @@ class DReGAlpha(Estimator):
     family = "mixed"
     needs_independent_samples = True
 
-    def __init__(self, num_samples: int, alpha: float = 0.9) -> None:
-        super().__init__(num_samples)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"dreg_alpha needs 0 <= alpha <= 1, got alpha={alpha}")
+    def __init__(self, alpha: float = 0.9) -> None:
+        super().__init__()
+        check_alpha(alpha)
         self.alpha = float(alpha)
         self.family = {0.0: "iwae", 1.0: "rws"}.get(self.alpha, "mixed")
 
-    def forward(self, log_w: Tensor) -> GradientWeights:
-        log_w = check_log_weights(log_w, self.num_samples)  # [K, B]
-        norm_w = normalized_weights(log_w)  # [K, B]
+    def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         path = (1 - self.alpha) * norm_w.square() + self.alpha * rws_dreg_weights(log_w)
         return iwae_model_weights(log_w, norm_w, path=path)
 

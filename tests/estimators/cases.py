@@ -33,7 +33,7 @@ from dreg.estimators import (
 CV_VALUES = {"alpha": 0.25, "beta": 0.625, "gamma": 0.125, "delta": -0.375}
 ALPHA = 0.9
 
-ESTIMATORS: dict[str, Callable[[int], Estimator]] = {
+ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "vae": ELBO,
     "iwae": IWAE,
     "stl": STL,
@@ -42,10 +42,10 @@ ESTIMATORS: dict[str, Callable[[int], Estimator]] = {
     "rws": RWS,
     "dreg_rws": DReGRWS,
     "dreg_rws_norm": DReGRWSNorm,
-    "dreg_alpha": lambda k: DReGAlpha(k, alpha=ALPHA),
+    "dreg_alpha": lambda: DReGAlpha(alpha=ALPHA),
     "jvi": JVI,
     "dreg_jvi": DReGJVI,
-    "dreg_cv": lambda k: DReGCV(k, **CV_VALUES),
+    "dreg_cv": lambda: DReGCV(**CV_VALUES),
 }
 NAMES = list(ESTIMATORS)
 MIN_SAMPLES = {"dreg_rws_norm": 2, "jvi": 2, "dreg_jvi": 2, "dreg_cv": 2}
@@ -140,7 +140,7 @@ def sample_gradients(
     draw = model.draw(num_samples, num_draws, seed=seed, **draw_kwargs)
     out = {}
     for name in names:
-        weights = ESTIMATORS[name](num_samples).double()(draw.particles.log_w)
+        weights = ESTIMATORS[name]().double()(draw.particles.log_w)
         out[name] = draw.gradients(weights)
     return out
 

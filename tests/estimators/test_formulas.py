@@ -34,7 +34,7 @@ def test_coefficients_and_gradients_match_hand_formulas(name, model):
     draw = model.draw(K, num_draws=2, seed=1)
     log_w = model.log_weights(draw)  # [K, N*B], by hand
     assert close(draw.particles.log_w, log_w)
-    weights = ESTIMATORS[name](K).double()(draw.particles.log_w)
+    weights = ESTIMATORS[name]().double()(draw.particles.log_w)
     m, a, s = naive_coefficients(name, log_w)
     for got, want in ((weights.model, m), (weights.path, a), (weights.score, s)):
         assert close(got, want)
@@ -59,7 +59,7 @@ def test_routed_single_backward_equals_per_group_surrogates(name, offset, model)
     """``routed_loss`` (one backward, hook on z) == autograd of each surrogate on its group."""
     log_p_offset = OFFSETS.get(offset)
     draw = model.draw(K, num_draws=2, seed=2, log_p_offset=log_p_offset)
-    weights = ESTIMATORS[name](K).double()(draw.particles.log_w)
+    weights = ESTIMATORS[name]().double()(draw.particles.log_w)
     model_grad, inference_grad = draw.gradients(weights)
     routed_model, routed_inference = draw.routed_gradients(weights)
     for grad in (model_grad, inference_grad, routed_model, routed_inference):
@@ -72,7 +72,7 @@ def test_routed_single_backward_equals_per_group_surrogates(name, offset, model)
 def test_model_gradient_is_gradient_of_stated_bound(name, model):
     """The DReG trick never leaks into the decoder: d/dtheta of the bound, computed naively."""
     draw = model.draw(K, num_draws=3, seed=3)
-    weights = ESTIMATORS[name](K).double()(draw.particles.log_w)
+    weights = ESTIMATORS[name]().double()(draw.particles.log_w)
     model_grad, _ = draw.routed_gradients(weights)
 
     again = model.draw(K, num_draws=3, seed=3)  # same noise, fresh graph
