@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import WandbLogger
 from dreg.callbacks.preemption import Preempted
 from dreg.checkpointing import AtomicCheckpointIO, load_checkpoint
 from dreg.config import validate
+from dreg.files import write_json
 from dreg.lightning_module import DReGModule
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,6 @@ def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
             return str(last)
         log.warning("resume=true but %s does not exist: starting from scratch", last)
     return None
-
-
-def write_json(path: Path, content: dict[str, Any]) -> None:
-    """Write atomically: readers (sweep summaries) never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
