@@ -1,51 +1,187 @@
-"""Checkpoints that are never torn, and a clear error when one is unreadable."""
+"""Checkpoints: safe loading, clear errors, and the save-and-stop that makes preemption exact.
+
+Saving is Lightning's own: its ``TorchCheckpointIO`` serializes to memory and writes the file
+in one atomic step, so a kill while saving never leaves a torn ``last.ckpt`` (tested).
+
+Loading never runs code from the file: ``torch.load(weights_only=True)`` with an explicit
+allow-list of the few non-tensor types our checkpoints hold (NumPy's RNG state,
+``pathlib`` paths, Lightning's ``AttributeDict``). A file that is missing, not a checkpoint,
+damaged or carrying anything else gets one line that says which, and what to do.
+
+Preemption goes through Lightning's signal path. On SIGTERM (SLURM's warning before it kills
+or requeues a job) Lightning's handler sets ``trainer.received_sigterm``; the training loop
+raises ``SIGTERMException`` at the end of the current step; :class:`PreemptionCheckpoint`
+saves ``last.ckpt`` in ``on_exception``. SIGINT (Ctrl-C) is routed to the same handler, so it
+too stops at a step boundary instead of interrupting a step. The checkpoint holds model,
+optimizer, loop position, the train loader's position in its epoch, callback state and,
+through this callback, the RNG states that drive sampling and binarization: on CPU a resumed
+run is bitwise identical to an uninterrupted one.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import logging
+import pathlib
+import pickle
+import random
+import signal
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.data import AttributeDict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from dreg.errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or not a checkpoint."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, then ``os.replace``: a run killed while
-    saving leaves the previous checkpoint intact, never a half-written one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return load_checkpoint(path, map_location)
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load`` with one clear error for a missing or corrupt file."""
+    """``torch.load`` that runs no code from the file, with one clear error per failure."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found; check ckpt_path (or resume=false)")
-    try:
-        # weights_only=False: Lightning checkpoints hold hyper-parameters and loop state.
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged zip/pickle
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise CheckpointError(f"checkpoint {path} {what}; check ckpt_path (or resume=false)")
+    if not zipfile.is_zipfile(path):
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err}); delete "
-            f"it and resume from another one in {path.parent}, or start afresh"
+            f"{path} is not a checkpoint (not a PyTorch zip archive: a wrong path, or a file "
+            "cut short while copying); point ckpt_path at a .ckpt file written by dreg"
+        )
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # a type outside the allow-list: possibly malicious
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} holds objects that are not allowed in a dreg checkpoint ({first_line}); "
+            "it was not loaded. Load only checkpoints you trust, written by dreg"
         ) from err
+    except Exception as err:  # torch raises many types for a damaged archive
+        raise CheckpointError(
+            f"checkpoint {path} is damaged ({type(err).__name__}: {err}); use another "
+            f"checkpoint (e.g. best-*.ckpt in {path.parent}) or start a new run"
+        ) from err
+
+
+def _numpy_globals() -> list[Any]:
+    """What ``np.random.get_state()`` pickles to: an array of uint32 and its dtype."""
+    core = np._core if hasattr(np, "_core") else np.core  # NumPy 2 renamed numpy.core
+    dtypes = [type(np.dtype(np.uint32)), type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, *dtypes]
+
+
+# Every non-tensor type our checkpoints hold; anything else is refused by torch.load.
+SAFE_GLOBALS = [
+    *_numpy_globals(),
+    AttributeDict,
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+]
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO (atomic save) with :func:`load_checkpoint` for every load."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location or "cpu")
+
+
+def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:
+    """Load only the VAE's weights (``net.*``) from a Lightning checkpoint.
+
+    Starting inference-network-only training or a diagnostic from a checkpoint needs the
+    weights, not Lightning's full state (optimizer, step counters, a possibly different
+    estimator's learned state).
+    """
+    state = load_checkpoint(ckpt_path)["state_dict"]
+    net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """On SIGTERM/SIGINT: finish the step, save ``dirpath/last.ckpt``, stop.
+
+    ``trainer.fit`` then raises Lightning's ``SIGTERMException``, which :mod:`dreg.run`
+    records as a preemption.
+
+    :param dirpath: where the checkpoint goes (the checkpoint folder of the run).
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning registered its SIGTERM handler before training; Ctrl-C takes the same path.
+        self._previous_sigint = signal.signal(signal.SIGINT, signal.getsignal(signal.SIGTERM))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException) or self.saved is not None:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self.saved = path
+        if trainer.is_global_zero:
+            log.warning(
+                "stop signal received: saved %s at step %d; continue with resume=true",
+                path,
+                trainer.global_step,
+            )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        # Captured when the checkpoint is written, i.e. after the step that just finished.
+        # Every rank writes a checkpoint together (Lightning saves rank 0's copy), and every
+        # rank draws its own noise, so each rank's RNG state is gathered into it.
+        mine = rng_state()
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return {"ranks": [mine]}
+        states = [None] * trainer.world_size
+        torch.distributed.all_gather_object(states, mine)
+        return {"ranks": states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state.get("ranks", [state])  # checkpoints before per-rank noise held one state
+        trainer = getattr(self, "_trainer", None)
+        rank = trainer.global_rank if trainer is not None else 0
+        if len(ranks) != (trainer.world_size if trainer is not None else 1):
+            log.warning(
+                "the checkpoint holds RNG states of %d processes, this run has %d: the "
+                "resumed noise differs from an uninterrupted run",
+                len(ranks),
+                trainer.world_size if trainer is not None else 1,
+            )
+        set_rng_state(ranks[min(rank, len(ranks) - 1)])
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG that training draws from (sampling, binarization, data order)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

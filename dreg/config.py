@@ -13,11 +13,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from dreg.errors import ConfigError
 from dreg.estimators.base import check_num_samples
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:

@@ -8,16 +8,22 @@ gradient. What is logged is always the estimator's true bound, never a surrogate
 
 from __future__ import annotations
 
+import os
+import random
+import time
 from collections.abc import Callable
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from dreg.datamodules.binarized import Batch
+from dreg.errors import NonFiniteError
 from dreg.estimators import Estimator, GradientWeights, Particles, routed_loss
 from dreg.estimators.ops import iwae_bound
 from dreg.model import VAE
+from dreg.seeds import derived_seed
 
 
 class DReGModule(pl.LightningModule):
@@ -61,6 +67,11 @@ class DReGModule(pl.LightningModule):
         self.eval_num_samples, self.eval_chunk_size = eval_num_samples, eval_chunk_size
         self.antithetic, self.train_model = antithetic, train_model
         self.nonfinite, self.skipped_steps = nonfinite, 0
+        # The experiment definition (dreg.records.experiment_config), set by dreg.run and saved
+        # in every checkpoint so that a resume can be checked against it.
+        self.experiment: dict | None = None
+        self._seconds_before, self._segment = 0.0, [None, None]
+        self._final_row: dict[str, Tensor] | None = None
         if compile:
             for mlp in (self.net.encoder, self.net.decoder):
                 mlp.compile()
@@ -78,11 +89,59 @@ class DReGModule(pl.LightningModule):
         particles, weights = self.estimate(batch)
         loss = routed_loss(particles, weights, train_model=self.train_model)
         # Tensors, not floats: Lightning reads them only at its logging interval (no sync).
-        self.log("train/objective", weights.objective.mean(), prog_bar=True)
+        objective = weights.objective.mean()
+        self.log("train/objective", objective, prog_bar=True)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # Differs from the objective for vae and jvi; only on steps that reach the logger.
             self.log("train/iwae_bound", iwae_bound(particles.log_w).mean())
+            # Label the row with the optimizer steps done after this one, as checkpoints and
+            # validation rows are labelled (Lightning would use the steps done before it).
+            self.log("step", float(self.global_step + 1))
+        elif self.global_step + 1 == self.trainer.max_steps:
+            # A run shorter than log_every_n_steps would otherwise log no training curve.
+            self._final_row = {
+                "train/objective": objective.detach(),
+                "train/iwae_bound": iwae_bound(particles.log_w).mean(),
+            }
         return loss
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        if self._final_row is not None and self.global_step == self.trainer.max_steps:
+            row = {k: float(v) for k, v in self._final_row.items()}
+            for logger in self.loggers:
+                logger.log_metrics(row, step=self.global_step)
+            self._final_row = None
+
+    def setup(self, stage: str) -> None:
+        # Every rank was seeded alike, so every rank built the same initial model. From here
+        # each rank draws its own noise (latent samples, binarization): rank 0 keeps the run's
+        # stream, rank r > 0 switches to one derived from (seed, r). Resume restores each
+        # rank's stream (dreg.checkpointing.PreemptionCheckpoint saves them all).
+        if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
+            seed = derived_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank)
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+
+    # -- what checkpoints carry besides the weights ----------------------------------------
+    def on_train_start(self) -> None:
+        self._segment = [time.perf_counter(), None]
+
+    def on_train_end(self) -> None:
+        self._segment[1] = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Wall time spent in training over every segment of the run (resumes included)."""
+        start, end = self._segment
+        if start is None:
+            return self._seconds_before
+        return self._seconds_before + (end or time.perf_counter()) - start
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dreg"] = {"experiment": self.experiment, "train_seconds": self.train_seconds()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._seconds_before = checkpoint.get("dreg", {}).get("train_seconds", 0.0)
 
     # -- evaluation --------------------------------------------------------------------------
     def _evaluate(self, batch: Batch, stage: str) -> None:
@@ -97,6 +156,7 @@ class DReGModule(pl.LightningModule):
         size = batch.x.shape[0]
         # sync_dist: under DDP the epoch value is the mean over every rank's images.
         self.log(f"{stage}/bound", bound.mean(), batch_size=size, sync_dist=True)
+        self.log("step", float(self.global_step), batch_size=size)  # the training step reached
         self.log(
             f"{stage}/log_likelihood",
             log_likelihood.mean(),
@@ -139,7 +199,7 @@ class DReGModule(pl.LightningModule):
             return
         where = f"step {self.global_step} (epoch {epoch}, batch {batch_idx})"
         if self.nonfinite == "raise":
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"non-finite {', '.join(bad)} at {where}; parameters and checkpoints keep their "
                 "last good values; set model.nonfinite=skip to drop such updates instead"
             )

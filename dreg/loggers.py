@@ -31,3 +31,9 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs) -> WandbLogger:
         mode = "online" if wandb_has_credentials() else "offline"
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, offline=mode == "offline", **kwargs)
+
+
+def continue_loggers(loggers: list, step: int) -> None:
+    """Make each logger continue its run from ``step`` (a resumed checkpoint's global step)."""
+    # Filled in by the loggers work (CSV history kept, W&B run id reused, TensorBoard purge).
+    return None

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from dreg.callbacks.preemption import Preempted
-from dreg.checkpointing import AtomicCheckpointIO, load_checkpoint
+from dreg.build import build, build_trainer
+from dreg.checkpointing import load_checkpoint, load_net_weights
 from dreg.config import validate
+from dreg.errors import (
+    CheckpointError,
+    ConfigError,
+    PreemptedError,
+    ResumeMismatchError,
+    RunError,
+)
 from dreg.files import write_json
-from dreg.lightning_module import DReGModule
+from dreg.loggers import continue_loggers
+from dreg.records import RunFolder, check_resume_compatible, experiment_config, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -43,102 +51,85 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, DReGModule]:
-    """The datamodule and the LightningModule described by ``cfg``."""
-    datamodule = instantiate(cfg.dataset)
-    datamodule.prepare_data()
-    net = instantiate(cfg.model.net, **datamodule.model_kwargs())
-    estimator = instantiate(cfg.estimator)
-    module = instantiate(cfg.model, net=net, estimator=estimator)
-    return datamodule, module
+def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """What ``trainer.fit`` continues from.
 
-
-def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:
-    """Load only the VAE's weights (``net.*``) from a Lightning checkpoint.
-
-    Starting inference-network-only training or a diagnostic from a checkpoint needs the
-    weights, not Lightning's full state (optimizer, step counters, a possibly different
-    estimator's learned state).
+    With ``resume=true`` the run's own ``last.ckpt`` wins, even when ``ckpt_path`` started the
+    run: a run started from another checkpoint and then preempted must continue its own
+    progress, not restart from where it began. Otherwise ``ckpt_path`` (full resume).
     """
-    state = load_checkpoint(ckpt_path)["state_dict"]  # clear errors for missing/corrupt files
-    net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    return instantiate(
-        cfg.trainer,
-        logger=loggers or False,
-        callbacks=callbacks,
-        default_root_dir=output_dir,
-        plugins=[AtomicCheckpointIO()],
-    )
-
-
-def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
-    """``ckpt_path`` if given; with ``resume=true`` the run directory's ``last.ckpt``."""
-    if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    if cfg.get("resume"):
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if last.exists():
-            return str(last)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("resume") and last.exists():
+        return last
+    if cfg.get("resume") and not cfg.get("ckpt_path"):
         log.warning("resume=true but %s does not exist: starting from scratch", last)
-    return None
+    return Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+
+
+def relative(path: str | Path, root: Path) -> str:
+    """``path`` relative to the run folder when inside it (run folders can be moved)."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as configured; returns (and writes to ``metrics.json``) the results."""
-    pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    finished = already_completed(cfg, output_dir)
+    if finished is not None:
+        return finished
+    pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
+    module.experiment = experiment_config(cfg)
     trainer = build_trainer(cfg, output_dir)
     commit = git_commit()
     for logger in trainer.loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "git_commit": commit})
 
     resume_from = checkpoint_to_resume(cfg, output_dir)
-    if cfg.get("ckpt_path") and not module.train_model:
+    if cfg.get("ckpt_path") and not module.train_model and resume_from == Path(cfg.ckpt_path):
         # Inference-network-only training starts from the checkpoint's *weights* with a fresh
         # optimizer at step 0 (its full state holds the two-group optimizer). Only this run's
         # own last.ckpt (resume=true after a preemption) is resumed in full.
         load_net_weights(module.net, cfg.ckpt_path)
-        last = output_dir / "checkpoints" / "last.ckpt"
-        resume_from = str(last) if cfg.get("resume") and last.exists() else None
-    start = time.perf_counter()
+        resume_from = None
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from)
+        check_resume_compatible(saved.get("dreg", {}).get("experiment"), cfg, resume_from)
+        continue_loggers(trainer.loggers, int(saved["global_step"]))
+        del saved
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-        preempted = False
-    except Preempted:
-        preempted = True
-    train_seconds = time.perf_counter() - start
-    # Read before testing: trainer.test() replaces the callback metrics.
-    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    base = {
-        "global_step": trainer.global_step,
-        "train_seconds": train_seconds,
-        "git_commit": commit,
-    }
-    if preempted:
-        status = {"status": "preempted", **train_metrics, **base}
+    except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt
+        status = {
+            "status": "preempted",
+            "global_step": trainer.global_step,
+            "checkpoint": "checkpoints/last.ckpt",
+            "train_seconds": module.train_seconds(),
+            "git_commit": commit,
+        }
         if trainer.is_global_zero:
             write_json(output_dir / "status.json", status)
         return status
-
+    # Read before testing: trainer.test() replaces the callback metrics.
+    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
+    train_seconds = module.train_seconds()
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)[0]
     metrics = {
         "status": "completed",
         **train_metrics,
-        **{k: float(v) for k, v in test_results.items()},
-        **base,
-        "tested_checkpoint": best or "final weights",
+        **{k: float(v) for k, v in test_results.items() if k != "step"},
+        "global_step": trainer.global_step,
+        "train_seconds": train_seconds,
+        "git_commit": commit,
+        "tested_checkpoint": relative(best, output_dir) if best else "final weights",
     }
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
-        write_json(output_dir / "status.json", {"status": "completed"})
         log.info("test metrics: %s", json.dumps(metrics))
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
@@ -149,11 +140,64 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def main(cfg: DictConfig) -> float | None:
-    """Entry point called by ``train.py``: validate, then run the configured mode.
+def already_completed(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
+    """With ``resume=true``, the recorded metrics of a run that already reached its end.
 
-    Returns the optimized metric, for Hydra sweepers.
+    Lets a whole sweep be re-run with ``resume=true``: finished jobs are kept as they are,
+    preempted ones continue, the rest start. A larger ``trainer.max_steps`` extends a run.
     """
-    validate(cfg)
-    metrics = instantiate(cfg.mode.run)(cfg)
-    return (metrics or {}).get(cfg.get("optimized_metric") or "", None)
+    metrics_file, last = output_dir / "metrics.json", output_dir / "checkpoints" / "last.ckpt"
+    if not (cfg.get("resume") and metrics_file.exists() and last.exists()):
+        return None
+    steps = int(load_checkpoint(last)["global_step"])
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps == -1 or steps < max_steps:
+        return None
+    log.info("%s already completed %d steps: nothing to do", output_dir, steps)
+    return json.loads(metrics_file.read_text())
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Entry point called by ``train.py``: claim the run folder, validate, run the mode.
+
+    Records the outcome in ``status.json`` (running, completed, preempted, failed with the
+    error) and returns the optimized metric, for Hydra sweepers. Expected errors are
+    :class:`dreg.errors.RunError` with one-line messages; ``train.py`` prints them.
+    """
+    folder = RunFolder(cfg.paths.output_dir)
+    main_process = is_main_process()
+    if main_process:
+        folder.claim(resume=bool(cfg.get("resume")))  # RunFolderError: nothing written
+    before = folder.status
+    try:
+        validate(cfg)
+        if main_process:
+            folder.write_status("running", pid=os.getpid(), git_commit=git_commit())
+        metrics = instantiate(cfg.mode.run)(cfg) or {}
+    except Exception as err:
+        if not main_process:
+            raise
+        if isinstance(err, REFUSALS) and before.get("status") in ("completed", "preempted"):
+            folder.write_status(**before)  # a refused resume leaves the run's record as it was
+        else:
+            code = err.exit_code if isinstance(err, RunError) else 1
+            folder.write_status("failed", error=one_line(err), exit_code=code)
+        raise
+    if metrics.get("status") == "preempted":
+        raise PreemptedError(
+            f"preempted at step {metrics['global_step']}: saved checkpoints/last.ckpt; "
+            "continue with the same command and resume=true"
+        )
+    if main_process and folder.status.get("status") != "completed":
+        folder.write_status("completed")
+    return metrics.get(cfg.get("optimized_metric") or "", None)
+
+
+# Errors that refuse to start a resume, before anything of the run changed.
+REFUSALS = (ConfigError, CheckpointError, ResumeMismatchError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line: expected errors are their message, others ``Type: message``."""
+    text = str(err).strip().replace("\n", " ")
+    return text if isinstance(err, RunError) else f"{type(err).__name__}: {text}"

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from dreg.files import atomic_write
 
 SUMMARY_METRICS = (
     "test/log_likelihood",
@@ -49,12 +50,10 @@ def write_summary(sweep_dir: Path) -> Path:
     jobs = sorted(p.parent for p in sweep_dir.glob("**/.hydra") if p.parent != sweep_dir)
     rows = [job_row(job, sweep_dir) for job in jobs]
     target = sweep_dir / "summary.csv"
-    tmp = target.with_name(f".summary.{os.getpid()}.csv")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(target, newline="") as f:  # concurrent jobs never leave a torn file
         writer = csv.DictWriter(f, fieldnames=["job", "status", "error", *SUMMARY_METRICS])
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(target)  # atomic: concurrent jobs never leave a torn file
     return target
 
 
@@ -65,10 +64,5 @@ class SweepSummary(Callback):
         hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg else None
         if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
             return
-        job_dir = Path(hydra_cfg.runtime.output_dir)
-        if job_return.status == JobStatus.FAILED:
-            error = job_return._return_value
-            (job_dir / "status.json").write_text(
-                json.dumps({"status": "failed", "error": f"{type(error).__name__}: {error}"}) + "\n"
-            )
+        # Each job records its own status.json (dreg.run.main), failures included.
         write_summary(Path(hydra_cfg.sweep.dir))

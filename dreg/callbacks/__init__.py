@@ -1,8 +1,5 @@
-"""Lightning callbacks: gradient statistics along a training trajectory (``grad_stats``,
-``estimator_compare``; definitions and DDP semantics in docs/diagnostics.md) and preemption
-checkpoints (``preemption``)."""
-
-from dreg.callbacks.estimator_compare import EstimatorComparison
-from dreg.callbacks.grad_stats import GradientStatistics
-
-__all__ = ["EstimatorComparison", "GradientStatistics"]
+"""Lightning callbacks for training diagnostics, each built by Hydra from its ``_target_``:
+``grad_stats`` (:mod:`dreg.callbacks.grad_stats`) and ``estimator_compare``
+(:mod:`dreg.callbacks.estimator_compare`); definitions and DDP semantics in
+docs/diagnostics.md. Nothing is imported here, so building one callback loads only its module.
+"""

@@ -28,9 +28,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dreg.diagnostics.moments import EMAMoments
-from dreg.diagnostics.sampling import flat_gradient, group_parameters
 from dreg.estimators import Estimator, estimator_by_name, surrogate_losses
 from dreg.estimators.base import check_num_samples
+from dreg.gradients import flat_gradient, group_parameters
 
 
 class EstimatorComparison(pl.Callback):
@@ -52,6 +52,15 @@ class EstimatorComparison(pl.Callback):
         self.estimators: list[Estimator] = []
         self.last_metrics: dict[str, float] = {}
         self._batch, self._rng = None, None
+
+    def state_dict(self) -> dict:
+        # Saved in checkpoints, so a resumed run continues the same moving averages.
+        return {name: ema.state_dict() for name, ema in self.ema.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, ema_state in state.items():
+            if name in self.ema:
+                self.ema[name].load_state_dict(ema_state)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.accumulate_grad_batches != 1:

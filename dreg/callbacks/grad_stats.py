@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from dreg.diagnostics.moments import EMAMoments
-from dreg.diagnostics.sampling import GROUPS, group_parameters, tensor_slices
+from dreg.gradients import GROUPS, group_parameters, tensor_slices
 
 
 class GradientStatistics(pl.Callback):

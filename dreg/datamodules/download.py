@@ -16,11 +16,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from dreg.errors import DataError  # re-exported: every reader raises it
+
 DATA_DIR_HINT = "set DREG_DATA_DIR (or paths.data_dir=...) to the folder that holds it"
-
-
-class DataError(RuntimeError):
-    """A data file is missing, corrupt, or not what the reader expects."""
 
 
 GIT_BLOB_SHA1 = "git-blob-sha1"

@@ -32,18 +32,15 @@ from omegaconf import DictConfig
 from scipy import stats
 from torch import Tensor
 
-from dreg.diagnostics.sampling import (
+from dreg.diagnostics.job import (
     DiagnosticJob,
-    derived_seed,
-    group_gradients,
-    group_parameters,
     rank_zero_loggers,
-    seeded,
     start_job,
-    tensor_slices,
     training_batch,
 )
 from dreg.estimators import estimator_by_name
+from dreg.gradients import group_gradients, group_parameters, tensor_slices
+from dreg.seeds import derived_seed, seeded
 
 log = logging.getLogger(__name__)
 

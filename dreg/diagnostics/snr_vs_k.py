@@ -34,19 +34,16 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 
-from dreg.diagnostics.moments import SampleMoments
-from dreg.diagnostics.sampling import (
-    GROUPS,
+from dreg.diagnostics.job import (
     DiagnosticJob,
-    derived_seed,
-    group_gradients,
-    group_parameters,
     rank_zero_loggers,
-    seeded,
     start_job,
     training_batch,
 )
+from dreg.diagnostics.moments import SampleMoments
 from dreg.estimators import estimator_by_name
+from dreg.gradients import GROUPS, group_gradients, group_parameters
+from dreg.seeds import derived_seed, seeded
 
 matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402

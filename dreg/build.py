@@ -1,0 +1,44 @@
+"""Objects from the config: the datamodule, the LightningModule, the loggers and the trainer.
+
+Everything here is built with ``hydra.utils.instantiate`` from the composed config, so the
+config groups are the API. Training (:mod:`dreg.run`) and the diagnostic modes
+(:mod:`dreg.diagnostics`) both build through these functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from dreg.checkpointing import SafeCheckpointIO
+from dreg.lightning_module import DReGModule
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, DReGModule]:
+    """The datamodule and the LightningModule described by ``cfg`` (data prepared)."""
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    net = instantiate(cfg.model.net, **datamodule.model_kwargs())
+    estimator = instantiate(cfg.estimator)
+    module = instantiate(cfg.model, net=net, estimator=estimator)
+    return datamodule, module
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The loggers of the ``logger`` group (``logger=none`` gives none)."""
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
+    """The Lightning trainer of ``cfg.trainer`` with the configured loggers and callbacks."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return instantiate(
+        cfg.trainer,
+        logger=build_loggers(cfg) or False,
+        callbacks=callbacks,
+        default_root_dir=output_dir,
+        plugins=[SafeCheckpointIO()],
+    )
