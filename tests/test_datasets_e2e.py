@@ -45,8 +45,8 @@ def test_train_and_test_each_dataset(dataset: str, tmp_path: Path) -> None:
         "model.num_samples=8",
         "model.eval_num_samples=20",
     ]
-    if dataset == "omniglot":  # keep the derived-data cache inside the test's folder
-        overrides.append(f"dataset.cache_dir={tmp_path / 'cache'}")
+    if dataset == "omniglot":  # the data folder may be read-only (CI): prepare into tmp_path
+        overrides.append(f"dataset.prepared_path={tmp_path / 'omniglot28.npz'}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     metrics = train(cfg)
@@ -57,3 +57,5 @@ def test_train_and_test_each_dataset(dataset: str, tmp_path: Path) -> None:
     assert math.isfinite(metrics["test/bound"])
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    if dataset == "omniglot":  # training's prepare_data made it
+        assert (tmp_path / "omniglot28.npz").exists()

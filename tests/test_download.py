@@ -24,7 +24,7 @@ from dreg.datamodules import download as download_module
 from dreg.datamodules.download import GIT_BLOB_SHA1, DataError, download, file_digest
 from dreg.datamodules.mnist import MNISTDataModule, read_idx_images
 from dreg.datamodules.omniglot import OmniglotDataModule, read_chardata
-from dreg.datamodules.omniglot_lake import LAKE_FILE, load_lake28, read_lake
+from dreg.datamodules.omniglot_lake import LAKE_FILE, prepare, read_lake
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 
@@ -258,15 +258,24 @@ def write_lake_arrays(path: Path, side: int = 105, drop: str | None = None) -> P
 
 def test_lake_wrong_checksum(tmp_path: Path) -> None:
     write_lake_arrays(tmp_path / LAKE_FILE)
-    dm = OmniglotDataModule(tmp_path, num_validation=5, cache_dir=tmp_path / "cache")
+    prepared = tmp_path / "prepared" / "omniglot28.npz"
+    dm = OmniglotDataModule(tmp_path, num_validation=5, prepared_path=prepared)
     with pytest.raises(DataError, match=r"npz: sha256 \w+ does not match .*dataset.verify=false"):
+        dm.prepare_data()
+    assert no_leftovers(prepared.parent) == []
+    dm = OmniglotDataModule(tmp_path, num_validation=5, prepared_path=prepared, verify=False)
+    dm.prepare_data()
+    dm.setup()
+    # A file prepared from this build is refused where the published source is required.
+    dm = OmniglotDataModule(tmp_path, num_validation=5, prepared_path=prepared)
+    with pytest.raises(DataError, match=r"omniglot28.npz: derived from a source with sha256 \w+,"):
         dm.setup()
-    OmniglotDataModule(tmp_path, num_validation=5, cache_dir=tmp_path / "c", verify=False).setup()
 
 
 @pytest.mark.parametrize("case", ["corrupt", "truncated", "missing-key", "wrong-shape"])
 def test_lake_bad_file(tmp_path: Path, case: str) -> None:
-    path = tmp_path / "lake.npz"
+    path = tmp_path / LAKE_FILE
+    path.parent.mkdir()
     if case == "corrupt":
         path.write_bytes(b"\x00" * 500)
     elif case == "truncated":
@@ -282,8 +291,8 @@ def test_lake_bad_file(tmp_path: Path, case: str) -> None:
         "missing-key": r"not the Omniglot Lake npz \(keys \['sample'\] missing",
         "wrong-shape": r"images have shape \(20, 64, 64\), expected \[N, 105, 105\]",
     }[case]
-    with pytest.raises(DataError, match=rf"lake.npz: {message}.*github.com/brendenlake"):
+    with pytest.raises(DataError, match=rf"lake_105x105.npz: {message}.*github.com/brendenlake"):
         read_lake(path)
-    with pytest.raises(DataError, match="lake.npz"):  # the cached loader says the same
-        load_lake28(path, [tmp_path / "cache"], verify=False)
-    assert no_leftovers(tmp_path / "cache") == []
+    with pytest.raises(DataError, match=rf"lake_105x105.npz: {message}"):  # so does preparing
+        prepare(tmp_path, tmp_path / "prepared" / "omniglot28.npz", verify=False)
+    assert no_leftovers(tmp_path / "prepared") == []

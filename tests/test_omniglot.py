@@ -1,4 +1,4 @@
-"""Omniglot: the chardata.mat reader, the Lake-derived 28x28 dataset, its cache and splits.
+"""Omniglot: the chardata.mat reader, the Lake-derived 28x28 dataset, its preparation, splits.
 
 The reader tests write small files in the real layouts; the real-data tests read
 ``$DREG_DATA_DIR/omniglot-lake`` and skip, with the reason, when it is absent.
@@ -6,7 +6,13 @@ The reader tests write small files in the real layouts; the real-data tests read
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +21,25 @@ import scipy.io
 import torch
 
 from dreg.datamodules import omniglot_lake
+from dreg.datamodules.download import DataError, file_digest
 from dreg.datamodules.omniglot import OmniglotDataModule, read_chardata, validation_split
 from dreg.datamodules.omniglot_lake import (
+    COMMAND,
     LAKE_FILE,
+    LAKE_SHA256,
+    LEVELS,
+    METHOD_VERSION,
+    PREPARED_FILE,
     area_overlaps,
-    cache_name,
     derive,
     downsample_counts,
-    load_lake28,
+    prepare,
+    read_prepared,
+    write_prepared,
 )
+from dreg.datamodules.prepare_omniglot import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_chardata(path: Path, train: np.ndarray, test: np.ndarray) -> None:
@@ -126,80 +142,185 @@ def test_derive_splits_per_character(tmp_path: Path) -> None:
     shuffled = np.random.default_rng(1).permutation(60)  # storage order must not matter
     train, test = derive({k: v[shuffled] for k, v in arrays.items()})
     assert train.shape == (45, 784) and test.shape == (15, 784) and train.dtype == np.uint16
+    in_order_train, in_order_test = derive(arrays)  # deterministic, whatever the order
+    np.testing.assert_array_equal(train, in_order_train)
+    np.testing.assert_array_equal(test, in_order_test)
     ink = 1 - arrays["images"]
     # Character 2 (index 1), drawing 16 is the 6th test image; drawing 3 the 18th training one.
     np.testing.assert_array_equal(test[5], downsample_counts(ink[20 + 15 : 20 + 16])[0])
     np.testing.assert_array_equal(train[17], downsample_counts(ink[20 + 2 : 20 + 3])[0])
 
 
-def test_lake_cache_is_written_once_atomically_and_reused(tmp_path: Path, monkeypatch) -> None:
-    write_lake(tmp_path / LAKE_FILE)
-    source = tmp_path / LAKE_FILE
-    blocked = tmp_path / "not-a-folder"
-    blocked.write_text("a file where a cache folder should be: mkdir fails (like read-only)")
-    cache_dirs = [blocked / "cache", tmp_path / "cache"]
-    train, test = load_lake28(source, cache_dirs, verify=False)
-    assert train.shape == (45, 784) and test.shape == (15, 784) and train.dtype == np.float32
-    assert 0 <= train.min() and train.max() <= 1 and abs(train.mean() - 0.1) < 0.01  # 10% ink
-    written = list((tmp_path / "cache").iterdir())
-    assert [p.name for p in written] == [cache_name(omniglot_lake.file_digest(source, "sha256"))]
+# -- the preparation step ------------------------------------------------------------------
+def prepared_lake(data_dir: Path, **kwargs) -> OmniglotDataModule:
+    """A Lake-sourced DataModule on a :func:`write_lake` folder (tiny: 5 validation images)."""
+    return OmniglotDataModule(data_dir, source="lake", num_validation=5, verify=False, **kwargs)
+
+
+def test_prepare_command_writes_the_file_and_a_second_run_is_a_no_op(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    assert COMMAND == f"python -m {main.__module__}"  # the command every error message names
+    arrays = write_lake(tmp_path / LAKE_FILE)
+    assert main(["--data-dir", str(tmp_path), "--no-verify"]) == 0
+    output = tmp_path / PREPARED_FILE
+    assert capsys.readouterr().out.startswith(f"wrote {output} in ")
+    assert sorted(p.name for p in output.parent.iterdir()) == [output.name, LAKE_FILE.name]
+    prepared = read_prepared(output, fix="")
+    train, test = derive(arrays)
+    np.testing.assert_array_equal(prepared.train, train)  # the exact uint16 counts
+    np.testing.assert_array_equal(prepared.test, test)
+    assert prepared.source_sha256 == file_digest(tmp_path / LAKE_FILE, "sha256")
+    assert prepared.method == METHOD_VERSION
 
     def fail(*args, **kwargs):
-        raise AssertionError("recomputed although a cache exists")
+        raise AssertionError("derived again although the prepared file is current")
 
     monkeypatch.setattr(omniglot_lake, "derive", fail)
-    cached_train, cached_test = load_lake28(source, cache_dirs, verify=False)
-    np.testing.assert_array_equal(cached_train, train)
-    np.testing.assert_array_equal(cached_test, test)
+    before = output.stat()
+    monkeypatch.setenv("DREG_DATA_DIR", str(tmp_path))  # the default --data-dir
+    assert main(["--no-verify"]) == 0
+    assert capsys.readouterr().out == f"{output} is up to date ({METHOD_VERSION}); nothing to do\n"
+    after = output.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
-def test_lake_cache_skips_a_folder_marked_read_only(tmp_path: Path) -> None:
+@pytest.mark.slow  # a fresh interpreter imports torch and Lightning: seconds
+def test_prepare_command_runs_as_a_module(tmp_path: Path) -> None:
     write_lake(tmp_path / LAKE_FILE)
-    read_only = tmp_path / "read-only"
-    read_only.mkdir(mode=0o555)  # root could still write here: the mode bits must be honoured
-    load_lake28(tmp_path / LAKE_FILE, [read_only / "cache", tmp_path / "cache"], verify=False)
-    assert not (read_only / "cache").exists()
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-m"]
+    command += ["dreg.datamodules.prepare_omniglot", "--data-dir", str(tmp_path), "--no-verify"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # -W error: runpy warns (an error here) if the package imported the module before it ran.
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / PREPARED_FILE} in ")
+    assert read_prepared(tmp_path / PREPARED_FILE, fix="").train.shape == (45, 784)
 
 
-def test_lake_cache_survives_an_interrupted_write(tmp_path: Path, monkeypatch) -> None:
+def test_prepare_data_creates_the_file_and_setup_reads_only_it(tmp_path: Path) -> None:
+    arrays = write_lake(tmp_path / LAKE_FILE)
+    elsewhere = tmp_path / "elsewhere" / "omniglot28.npz"
+    dm = prepared_lake(tmp_path, prepared_path=elsewhere)
+    command = f"`{COMMAND} --data-dir {tmp_path} --output {elsewhere}`"
+    with pytest.raises(DataError, match=rf"omniglot28.npz not found: .* {re.escape(command)}"):
+        dm.setup()
+    dm.prepare_data()
+    assert elsewhere.exists() and not (tmp_path / PREPARED_FILE).exists()
+    (tmp_path / LAKE_FILE).unlink()  # from here on, the prepared file alone must suffice
+    dm.setup()
+    assert [len(dm.splits[k]) for k in ("train", "val", "test")] == [40, 5, 15]
+    train_counts = torch.from_numpy(derive(arrays)[0].astype(np.float32))
+    expected_train, _ = validation_split(train_counts / LEVELS, 5)
+    assert torch.equal(dm.splits["train"], expected_train)
+    # source=auto finds the prepared file, and preparing it again has nothing to do.
+    auto = OmniglotDataModule(tmp_path, prepared_path=elsewhere, verify=False, download=False)
+    assert auto.resolve_source() == "lake"
+    assert prepare(tmp_path, elsewhere, verify=False) is False
+
+
+def write_stale(path: Path, case: str) -> None:
+    """A prepared file at ``path`` gone bad in one of the ways :func:`read_prepared` catches."""
+    good = read_prepared(path, fix="")
+    if case == "corrupt":
+        path.write_bytes(b"garbage, not an npz")
+    elif case == "truncated":
+        path.write_bytes(path.read_bytes()[:-1000])
+    elif case == "flipped-byte":  # a valid archive whose compressed counts fail their CRC
+        content = bytearray(path.read_bytes())
+        content[len(content) // 2] ^= 0xFF
+        path.write_bytes(bytes(content))
+    elif case == "old-method":
+        write_prepared(path, replace(good, method="lake28-area-v0"), path.parent)
+    elif case == "float-counts":
+        write_prepared(path, replace(good, train=good.train.astype(np.float32)), path.parent)
+    else:  # another source: only preparation, which hashes the source, can tell
+        write_prepared(path, replace(good, source_sha256="0" * 64), path.parent)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("corrupt", "not a readable prepared Omniglot file, corrupt or truncated"),
+        ("truncated", "not a readable prepared Omniglot file, corrupt or truncated"),
+        ("flipped-byte", "not a readable prepared Omniglot file, corrupt or truncated"),
+        ("old-method", r"is stale \(made by method lake28-area-v0, this code derives"),
+        ("float-counts", r"'train' is float32 \(45, 784\), expected uint16"),
+        ("other-source", None),
+    ],
+    ids=["corrupt", "truncated", "flipped-byte", "old-method", "float-counts", "other-source"],
+)
+def test_stale_or_corrupt_prepared_file(
+    tmp_path: Path, case: str, message: str | None, caplog
+) -> None:
     write_lake(tmp_path / LAKE_FILE)
+    prepare(tmp_path, verify=False)
+    output = tmp_path / PREPARED_FILE
+    write_stale(output, case)
+    dm = prepared_lake(tmp_path)
+    if message is not None:  # setup reads only the prepared file: one line, naming the command
+        with pytest.raises(DataError, match=message) as error:
+            dm.setup()
+        assert "\n" not in str(error.value) and str(output) in str(error.value)
+        assert f"`{COMMAND} --data-dir {tmp_path}`" in str(error.value)
+    with caplog.at_level("WARNING", logger=omniglot_lake.__name__):
+        assert prepare(tmp_path, verify=False) is True  # prepare_data derives it again
+    assert len(caplog.records) == 1 and str(output) in caplog.records[0].getMessage()
+    source_sha256 = file_digest(tmp_path / LAKE_FILE, "sha256")
+    assert read_prepared(output, fix="").staleness(source_sha256) is None
+    dm.setup()
+    assert len(dm.splits["train"]) == 40
 
-    def interrupted(file, **arrays):
-        file.write(b"PK\x03\x04 half an archive")
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(omniglot_lake.np, "savez_compressed", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        load_lake28(tmp_path / LAKE_FILE, [tmp_path / "cache"], verify=False)
-    assert list((tmp_path / "cache").iterdir()) == []  # no partial file left behind
-    monkeypatch.undo()
-    # A corrupt cache file under the right name is ignored and replaced.
-    name = cache_name(omniglot_lake.file_digest(tmp_path / LAKE_FILE, "sha256"))
-    (tmp_path / "cache" / name).write_bytes(b"garbage")
-    train, _ = load_lake28(tmp_path / LAKE_FILE, [tmp_path / "cache"], verify=False)
-    assert train.shape == (45, 784)
-    assert np.load(tmp_path / "cache" / name)["train"].shape == (45, 784)
+@pytest.mark.parametrize("cause", ["read-only-filesystem", "not-a-folder"])
+def test_unwritable_prepared_path_gives_one_line_naming_the_command(
+    tmp_path: Path, cause: str, monkeypatch, capsys
+) -> None:
+    write_lake(tmp_path / LAKE_FILE)
+    if cause == "read-only-filesystem":
+        # We run as root, which writes through a chmod 0555 folder, so mode bits cannot make
+        # one read-only here; instead the first write in the folder fails as on a read-only
+        # mount (CI's shared data folder).
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
 
-
-def test_cache_key_changes_with_source_and_method(monkeypatch) -> None:
-    assert cache_name("a" * 64) != cache_name("b" * 64)
-    before = cache_name("a" * 64)
-    monkeypatch.setattr(omniglot_lake, "METHOD_VERSION", "lake28-area-v2")
-    assert cache_name("a" * 64) != before
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+        output = tmp_path / PREPARED_FILE
+    else:  # a real failure, no patching: the prepared file's folder would be under a file
+        (tmp_path / "a-file").write_text("not a folder")
+        output = tmp_path / "a-file" / "omniglot28.npz"
+    dm = prepared_lake(tmp_path, prepared_path=output)
+    with pytest.raises(DataError) as error:
+        dm.prepare_data()
+    line = str(error.value)
+    assert "\n" not in line and line.startswith(f"cannot write the prepared Omniglot file {output}")
+    command = f"`{COMMAND} --data-dir {tmp_path} --output "
+    assert command in line and "dataset.prepared_path=" in line
+    assert sorted(p.name for p in (tmp_path / LAKE_FILE).parent.iterdir()) == [LAKE_FILE.name]
+    assert main(["--data-dir", str(tmp_path), "--output", str(output), "--no-verify"]) == 1
+    assert capsys.readouterr().err == f"error: {line}\n"
 
 
 # -- the real Lake data ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lake_omniglot(tmp_path_factory) -> OmniglotDataModule:
+    """The real data, prepared once into a temporary folder (the data folder may be read-only)."""
     root = os.environ.get("DREG_DATA_DIR")
     if not root:
         pytest.skip("DREG_DATA_DIR is not set (point it at the folder holding omniglot-lake/)")
     if not (Path(root) / LAKE_FILE).exists():
         pytest.skip(f"DREG_DATA_DIR={root} lacks {LAKE_FILE}")
-    dm = OmniglotDataModule(root, source="lake", cache_dir=tmp_path_factory.mktemp("cache"))
+    prepared = tmp_path_factory.mktemp("prepared") / "omniglot28.npz"
+    dm = OmniglotDataModule(root, source="lake", prepared_path=prepared)
+    dm.prepare_data()
     dm.setup()
     return dm
+
+
+def test_lake_omniglot_prepared_file(lake_omniglot: OmniglotDataModule) -> None:
+    prepared = read_prepared(lake_omniglot.prepared_path, fix="")
+    assert prepared.train.shape == (24345, 784) and prepared.test.shape == (8115, 784)
+    assert prepared.source_sha256 == LAKE_SHA256 and prepared.method == METHOD_VERSION
+    assert prepare(lake_omniglot.data_dir, lake_omniglot.prepared_path) is False  # current
 
 
 def test_lake_omniglot_splits_and_values(lake_omniglot: OmniglotDataModule) -> None:

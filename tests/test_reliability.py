@@ -154,7 +154,8 @@ def test_bad_value_fails_fast_with_one_line(tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {expected}"), result.stderr[-1000:]
     # Nothing but Hydra's files, the folder lock and the failure record.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", ".lock", "status.json", "train.log"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [".hydra", ".lock", "status.json", "train.log"]
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "failed" and status["exit_code"] == 2
     assert status["error"] == lines[-1].removeprefix("error: ")

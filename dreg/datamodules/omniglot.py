@@ -7,6 +7,10 @@ Two sources, one DataModule; ``source=auto`` takes the first present:
   one image stored column-major (Fortran order); 24,345 train and 8,070 test images.
 * ``<data_dir>/omniglot-lake/omniglot_lake_105x105.npz``, Lake et al.'s original drawings, from
   which :mod:`dreg.datamodules.omniglot_lake` derives a 28x28 dataset (not chardata: see there).
+  The derivation is a preparation step of its own (``python -m
+  dreg.datamodules.prepare_omniglot``):
+  ``prepare_data`` runs it when the prepared file is missing or stale, and ``setup`` reads only
+  the prepared file.
 
 Split as in the DReG code (``load_omniglot``): the training images are permuted by
 ``np.random.RandomState(123).permutation`` and the last 1,345 become the validation set.
@@ -29,7 +33,7 @@ from dreg.datamodules.download import (
     download,
     verify_checksum,
 )
-from dreg.datamodules.omniglot_lake import LAKE_FILE, default_cache_dirs, load_lake28
+from dreg.datamodules.omniglot_lake import LAKE_FILE, PREPARED_FILE, load_prepared, prepare
 
 CHARDATA_FILE = Path("omniglot") / "chardata.mat"
 CHARDATA_URL = "https://raw.githubusercontent.com/yburda/iwae/master/datasets/OMNIGLOT/chardata.mat"
@@ -95,8 +99,9 @@ class OmniglotDataModule(BinarizedDataModule):
         chardata.mat), ``chardata`` or ``lake``.
     :param num_validation: training images held out for validation (1,345 as in the DReG code).
     :param split_seed: seed of the validation permutation (123 as in the DReG code).
-    :param cache_dir: where the Lake-derived arrays are cached (default: beside the source,
-        else ``~/.cache/dreg``, else the temporary folder).
+    :param prepared_path: the prepared Lake-derived file (default
+        ``<data_dir>/omniglot-lake/omniglot28.npz``); point it at a writable place when the
+        data directory is read-only.
     :param download: fetch chardata.mat when no source is present (checksum-verified, atomic).
     :param verify: check the checksum of the source file.
     """
@@ -107,7 +112,7 @@ class OmniglotDataModule(BinarizedDataModule):
         source: str = "auto",
         num_validation: int = NUM_VALIDATION,
         split_seed: int = SPLIT_SEED,
-        cache_dir: str | Path | None = None,
+        prepared_path: str | Path | None = None,
         download: bool = True,
         verify: bool = True,
         **kwargs,
@@ -116,7 +121,10 @@ class OmniglotDataModule(BinarizedDataModule):
         if source not in SOURCES:
             raise ValueError(f"dataset.source={source!r} is not one of {SOURCES}")
         self.source, self.num_validation, self.split_seed = source, num_validation, split_seed
-        self.cache_dir, self.download, self.verify = cache_dir, download, verify
+        self.prepared_path = (
+            Path(prepared_path) if prepared_path is not None else self.data_dir / PREPARED_FILE
+        )
+        self.download, self.verify = download, verify
 
     @property
     def chardata_path(self) -> Path:
@@ -127,12 +135,15 @@ class OmniglotDataModule(BinarizedDataModule):
         return self.data_dir / LAKE_FILE
 
     def resolve_source(self) -> str:
-        """``chardata`` or ``lake``: the source to read, downloading chardata.mat if needed."""
+        """``chardata`` or ``lake``: the source to read, downloading chardata.mat if needed.
+
+        ``auto`` takes the Lake images when there is no chardata.mat and either the Lake file
+        or an already prepared file is present (the prepared file alone suffices to train).
+        """
+        lake_present = self.lake_path.exists() or self.prepared_path.exists()
         if self.source == "lake" or (
-            self.source == "auto" and not self.chardata_path.exists() and self.lake_path.exists()
+            self.source == "auto" and not self.chardata_path.exists() and lake_present
         ):
-            if not self.lake_path.exists():
-                raise DataError(f"{self.lake_path} not found; {DATA_DIR_HINT}")
             return "lake"
         if not self.chardata_path.exists():
             if not self.download:
@@ -145,7 +156,9 @@ class OmniglotDataModule(BinarizedDataModule):
         return "chardata"
 
     def prepare_data(self) -> None:
-        self.resolve_source()
+        """Download chardata.mat, or prepare the Lake-derived file, when needed."""
+        if self.resolve_source() == "lake":
+            prepare(self.data_dir, self.prepared_path, self.verify)
 
     def read_images(self) -> tuple[Tensor, Tensor]:
         """``(train, test)`` float32 ``[N, 784]`` in [0, 1] from the resolved source."""
@@ -155,8 +168,7 @@ class OmniglotDataModule(BinarizedDataModule):
                 verify_checksum(self.chardata_path, CHARDATA_BLOB, GIT_BLOB_SHA1, source)
             train, test = read_chardata(self.chardata_path)
         else:
-            cache_dirs = default_cache_dirs(self.data_dir, self.cache_dir)
-            train, test = load_lake28(self.lake_path, cache_dirs, self.verify)
+            train, test = load_prepared(self.prepared_path, self.data_dir, self.verify)
         return torch.from_numpy(train), torch.from_numpy(test)
 
     def load_splits(self) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""A 28x28 Omniglot derived from Lake et al.'s original 105x105 drawings, computed once and cached.
+"""A 28x28 Omniglot derived from Lake et al.'s original 105x105 drawings, prepared once into a file.
 
 The IWAE/DReG papers use ``chardata.mat`` (Burda et al. 2016), whose downsampling method is not
 documented. When only the original images are at hand (Lake, Salakhutdinov & Tenenbaum 2015,
@@ -18,23 +18,33 @@ It is *not* byte-identical to ``chardata.mat`` (different resampling; 8,115 test
 than 8,070, since chardata lacks a 20th Glagolitic drawing; a different choice of the 5 test
 drawings): never call it chardata. See ``docs/datasets.md``.
 
-The derived counts are cached as ``uint16`` under a name keyed by the source's sha256 and
-:data:`METHOD_VERSION`, written atomically (temporary file + rename).
+The derivation runs once, as a step of its own: :func:`prepare` (the command
+``python -m dreg.datamodules.prepare_omniglot``, or the DataModule's ``prepare_data``) writes
+one compressed npz, by default ``<data_dir>/omniglot-lake/omniglot28.npz``, atomically
+(:func:`dreg.files.atomic_write`):
+
+* ``train`` ``uint16 [24345, 784]`` and ``test`` ``uint16 [8115, 784]``: per pixel, the ink
+  count out of 105^2 = 11,025 (exact; the grey level is count / 11,025);
+* ``source_sha256``: the sha256 of the Lake file they were derived from;
+* ``method``: :data:`METHOD_VERSION`.
+
+A prepared file that cannot be read, or whose source sha256 or method differs from the current
+ones, is stale and is derived again; a current one is left alone. Training reads only the
+prepared file (:func:`load_prepared`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 import zipfile
-from collections.abc import Sequence
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dreg.datamodules.download import DATA_DIR_HINT, DataError, file_digest
+from dreg.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +54,13 @@ LAKE_URL = "https://github.com/brendenlake/omniglot"
 SOURCE_SIZE, TARGET_SIZE = 105, 28
 LEVELS = SOURCE_SIZE**2  # grey levels are counts out of 105^2 = 11,025 (fits uint16)
 NUM_TRAIN_DRAWINGS = 15  # per character: drawings 1..15 train, 16..20 test
-# Bump when anything that changes the derived arrays changes; it is part of the cache key.
+# Bump when anything that changes the derived arrays changes: a prepared file made by another
+# version is stale and is derived again.
 METHOD_VERSION = "lake28-area-v1"
-_KEYS = ("images", "char_id", "sample", "alphabet")
+LAKE_KEYS = ("images", "char_id", "sample", "alphabet")
+PREPARED_FILE = Path("omniglot-lake") / "omniglot28.npz"
+PREPARED_KEYS = ("train", "test", "source_sha256", "method")
+COMMAND = "python -m dreg.datamodules.prepare_omniglot"  # named in every error about the file
 
 
 def area_overlaps(source: int = SOURCE_SIZE, target: int = TARGET_SIZE) -> np.ndarray:
@@ -80,13 +94,13 @@ def read_lake(path: Path) -> dict[str, np.ndarray]:
     fix = f"rebuild it from {LAKE_URL} (see docs/datasets.md) or {DATA_DIR_HINT}"
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in _KEYS if k not in archive.files]
+            missing = [k for k in LAKE_KEYS if k not in archive.files]
             if missing:
                 raise DataError(
                     f"{path}: not the Omniglot Lake npz (keys {missing} missing, found "
                     f"{archive.files}); {fix}"
                 )
-            arrays = {k: archive[k] for k in _KEYS}
+            arrays = {k: archive[k] for k in LAKE_KEYS}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(
             f"{path}: not a readable npz file, corrupt or truncated ({err}); {fix}"
@@ -94,7 +108,7 @@ def read_lake(path: Path) -> dict[str, np.ndarray]:
     images = arrays["images"]
     if images.ndim != 3 or images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE):
         raise DataError(f"{path}: images have shape {images.shape}, expected [N, 105, 105]; {fix}")
-    if any(arrays[k].shape != images.shape[:1] for k in _KEYS[1:]):
+    if any(arrays[k].shape != images.shape[:1] for k in LAKE_KEYS[1:]):
         raise DataError(f"{path}: label arrays do not match the {len(images)} images; {fix}")
     return arrays
 
@@ -109,87 +123,156 @@ def derive(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return counts[is_train], counts[~is_train]
 
 
-def cache_name(source_sha256: str) -> str:
-    key = hashlib.sha256(f"{source_sha256}:{METHOD_VERSION}".encode()).hexdigest()[:16]
-    return f"omniglot_lake28_{key}.npz"
+# -- the prepared file ----------------------------------------------------------------------
+def prepared_path(data_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Where the prepared file goes: ``output`` if given, else beside the Lake source."""
+    return Path(output) if output is not None else Path(data_dir) / PREPARED_FILE
 
 
-def default_cache_dirs(data_dir: Path, cache_dir: str | Path | None) -> list[Path]:
-    """Where the cache is looked for and written, in order: the configured folder, else beside
-    the source; then the user cache (``$XDG_CACHE_HOME/dreg`` or ``~/.cache/dreg``); then the
-    temporary folder. A read-only data directory (as in CI) falls through to the next."""
-    first = Path(cache_dir) if cache_dir is not None else data_dir / LAKE_FILE.parent
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dreg"
-    return [first, user, Path(tempfile.gettempdir()) / "dreg-cache"]
+def command_line(data_dir: str | Path, output: str | Path | None = None) -> str:
+    """The command that prepares ``output`` from ``data_dir``, for error messages."""
+    if output is None or Path(output) == prepared_path(data_dir):
+        return f"{COMMAND} --data-dir {data_dir}"
+    return f"{COMMAND} --data-dir {data_dir} --output {output}"
 
 
-def may_write(folder: Path) -> bool:
-    """Whether ``folder`` (or its nearest existing parent) is writable *and marked writable*.
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared file's contents: ``uint16`` ink counts ``[N, 784]`` and their provenance."""
 
-    The mode bits are checked as well as :func:`os.access` because root may write anywhere: a
-    data directory marked read-only (a shared copy, as in CI) must not get a cache either way.
-    """
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    return os.access(existing, os.W_OK) and bool(existing.stat().st_mode & 0o222)
+    train: np.ndarray
+    test: np.ndarray
+    source_sha256: str
+    method: str
 
+    def staleness(self, source_sha256: str | None = None) -> str | None:
+        """Why these arrays are not what this code derives from the source, or ``None``.
 
-def _load_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as cached:
-            if str(cached["method"]) != METHOD_VERSION:
-                return None
-            return cached["train"], cached["test"]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        log.warning("ignoring unreadable Omniglot cache %s (%s); recomputing it", path, err)
+        :param source_sha256: the current source's sha256; ``None`` skips that comparison.
+        """
+        if self.method != METHOD_VERSION:
+            return f"made by method {self.method}, this code derives {METHOD_VERSION}"
+        if source_sha256 is not None and self.source_sha256 != source_sha256:
+            return f"derived from a source with sha256 {self.source_sha256}, not {source_sha256}"
         return None
 
-
-def _write_cache(folder: Path, name: str, train: np.ndarray, test: np.ndarray) -> Path:
-    """Write atomically: a temporary file in ``folder`` renamed into place when complete."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, train=train, test=test, method=np.array(METHOD_VERSION))
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a data file is not
-        os.replace(tmp, folder / name)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return folder / name
+    def grey_levels(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(train, test)`` float32 ``[N, 784]`` in [0, 1]."""
+        return self.train.astype(np.float32) / LEVELS, self.test.astype(np.float32) / LEVELS
 
 
-def load_lake28(
-    path: Path, cache_dirs: Sequence[Path], verify: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(train, test)`` float32 ``[N, 784]`` grey levels in [0, 1], from the cache if present.
+def read_prepared(path: Path, fix: str) -> Prepared:
+    """Read and check a prepared file.
 
-    :param verify: require the published sha256 of the source file.
-    :raises DataError: missing, corrupt or wrong-checksum source file.
+    :param fix: what to do about a bad file, appended to the error (the command to rerun).
+    :raises DataError: naming the file when it is unreadable or not a prepared Omniglot file.
     """
-    if not path.exists():
-        raise DataError(f"{path} not found; {DATA_DIR_HINT} (it must contain {LAKE_FILE})")
-    sha = file_digest(path, "sha256")
+    unreadable = f"{path}: not a readable prepared Omniglot file, corrupt or truncated"
+    if not zipfile.is_zipfile(path):  # else numpy's error blames pickled data
+        raise DataError(f"{unreadable} (not an npz archive); {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in PREPARED_KEYS if k not in archive.files]
+            if missing:
+                raise DataError(
+                    f"{path}: not a prepared Omniglot file (keys {missing} missing, found "
+                    f"{archive.files}); {fix}"
+                )
+            # Reading every member in full also checks each one's zip CRC.
+            arrays = {k: archive[k] for k in PREPARED_KEYS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"{unreadable} ({err}); {fix}") from err
+    for split in ("train", "test"):
+        counts = arrays[split]
+        if counts.dtype != np.uint16 or counts.ndim != 2 or counts.shape[1] != TARGET_SIZE**2:
+            raise DataError(
+                f"{path}: '{split}' is {counts.dtype} {counts.shape}, expected uint16 [N, 784]; "
+                f"{fix}"
+            )
+        if counts.size and counts.max() > LEVELS:
+            raise DataError(f"{path}: '{split}' has counts above {LEVELS}; {fix}")
+    return Prepared(
+        arrays["train"], arrays["test"], str(arrays["source_sha256"]), str(arrays["method"])
+    )
+
+
+def write_prepared(path: Path, prepared: Prepared, data_dir: Path) -> None:
+    """Write ``prepared`` atomically; a folder that cannot be written gives one DataError."""
+    try:
+        with atomic_write(path, "wb") as f:
+            np.savez_compressed(
+                f,
+                train=prepared.train,
+                test=prepared.test,
+                source_sha256=np.array(prepared.source_sha256),
+                method=np.array(prepared.method),
+            )
+    except OSError as err:
+        writable = "/writable/omniglot28.npz"
+        raise DataError(
+            f"cannot write the prepared Omniglot file {path} ({err.strerror or err}); prepare it "
+            f"somewhere writable with `{COMMAND} --data-dir {data_dir} --output {writable}` "
+            f"and train with dataset.prepared_path={writable}"
+        ) from err
+
+
+def prepare(data_dir: str | Path, output: str | Path | None = None, verify: bool = True) -> bool:
+    """Derive the 28x28 set from ``<data_dir>/omniglot-lake`` into ``output`` unless current.
+
+    :param output: the prepared file (default ``<data_dir>/omniglot-lake/omniglot28.npz``).
+    :param verify: require the published sha256 of the Lake source.
+    :returns: whether the file was written (``False``: it was already current).
+    :raises DataError: the source is missing, corrupt or has the wrong checksum, or the
+        output cannot be written.
+    """
+    data_dir = Path(data_dir)
+    output = prepared_path(data_dir, output)
+    source = data_dir / LAKE_FILE
+    existing = None
+    if output.exists():
+        try:
+            existing = read_prepared(output, fix="deriving it again")
+        except DataError as err:
+            log.warning("%s", err)
+    if not source.exists():
+        if existing is not None and existing.staleness() is None:
+            return False  # the prepared file alone is enough to train: nothing to compare it to
+        raise DataError(f"{source} not found; {DATA_DIR_HINT} (it must contain {LAKE_FILE})")
+    sha = file_digest(source, "sha256")
     if verify and sha != LAKE_SHA256:
         raise DataError(
-            f"{path}: sha256 {sha} does not match the expected {LAKE_SHA256} (corrupt, "
-            f"truncated or a different build); replace it, or set dataset.verify=false to use "
-            f"this build anyway"
+            f"{source}: sha256 {sha} does not match the expected {LAKE_SHA256} (corrupt, "
+            f"truncated or a different build); replace it, or set dataset.verify=false "
+            f"(--no-verify) to use this build anyway"
         )
-    name = cache_name(sha)
-    for folder in cache_dirs:
-        if (folder / name).exists() and (cached := _load_cache(folder / name)) is not None:
-            train, test = cached
-            break
-    else:
-        log.info("deriving 28x28 Omniglot from %s (once; cached)", path)
-        train, test = derive(read_lake(path))
-        for folder in cache_dirs:
-            if not may_write(folder):
-                log.info("not caching Omniglot in %s: read-only", folder)
-                continue
-            try:
-                log.info("cached derived Omniglot at %s", _write_cache(folder, name, train, test))
-                break
-            except OSError as err:  # read-only data dir, say: try the next place
-                log.info("cannot cache Omniglot in %s (%s)", folder, err)
-    return train.astype(np.float32) / LEVELS, test.astype(np.float32) / LEVELS
+    if existing is not None:
+        reason = existing.staleness(sha)
+        if reason is None:
+            return False
+        log.warning("%s is stale (%s); deriving it again", output, reason)
+    log.info("deriving 28x28 Omniglot from %s into %s", source, output)
+    train, test = derive(read_lake(source))
+    write_prepared(output, Prepared(train, test, sha, METHOD_VERSION), data_dir)
+    return True
+
+
+def load_prepared(path: Path, data_dir: Path, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, test)`` float32 ``[N, 784]`` grey levels from the prepared file alone.
+
+    :param data_dir: where the Lake source lives, named in the command to (re)run.
+    :param verify: require that the file was derived from the published Lake source.
+    :raises DataError: the file is missing, unreadable or stale, with the command that fixes it.
+    """
+    rerun = f"run `{command_line(data_dir, path)}` (prepare_data does this before training)"
+    if not path.exists():
+        raise DataError(f"{path} not found: the Omniglot data is not prepared; {rerun}")
+    prepared = read_prepared(path, fix=f"delete it and {rerun}")
+    if (reason := prepared.staleness()) is not None:
+        raise DataError(f"{path} is stale ({reason}); {rerun}")
+    if verify and prepared.source_sha256 != LAKE_SHA256:
+        raise DataError(
+            f"{path}: derived from a source with sha256 {prepared.source_sha256}, not the "
+            f"published {LAKE_SHA256}; prepare it from the published file, or set "
+            f"dataset.verify=false to use it anyway"
+        )
+    return prepared.grey_levels()
