@@ -40,7 +40,7 @@ def default_data_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: prepare, print one line, exit 0; or print the DataError, exit with its code (3)."""
+    """The command line: prepare and print one line (exit 0), or print the DataError (exit 3)."""
     parser = argparse.ArgumentParser(
         prog=COMMAND, description="Derive 28x28 Omniglot from the Lake et al. drawings, once."
     )
