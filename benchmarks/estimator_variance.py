@@ -17,9 +17,8 @@ import argparse
 
 import torch
 
-from dreg.estimators import DReGCV
-from tests.analytic import GaussianModel
-from tests.estimators.cases import ESTIMATORS, snr
+from dreg.analytic import GaussianModel, snr
+from dreg.estimators import DReGCV, estimator_by_name, estimator_classes
 
 
 def main() -> None:
@@ -31,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    estimators = {n: f(args.k) for n, f in ESTIMATORS.items() if n != "dreg_cv"}
+    estimators = {n: estimator_by_name(n) for n in estimator_classes() if n != "dreg_cv"}
     estimators["dreg_cv"] = DReGCV()
     estimators["dreg_cv@beta=1"] = DReGCV(beta=1.0)
     model = GaussianModel.default()
@@ -54,7 +53,7 @@ def main() -> None:
 
 def train_control_variates(model: GaussianModel, k: int, steps: int) -> DReGCV:
     """DReGCV whose coefficients took ``steps`` Adam steps (lr 3e-3) on ``aux_loss``."""
-    estimator = DReGCV(k).double()
+    estimator = DReGCV().double()
     optimizer = torch.optim.Adam(estimator.parameters(), lr=3e-3)
     for step in range(steps):
         aux_loss = estimator(model.draw(k, 8, seed=10_000 + step).particles.log_w).aux_loss

@@ -99,7 +99,16 @@ def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:
     estimator's learned state).
     """
     state = load_checkpoint(ckpt_path)["state_dict"]
-    net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
+    weights = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:  # torch lists every mismatched tensor over many lines
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} holds a model of another shape ({detail}); use the "
+            "model.net settings it was trained with"
+        ) from err
 
 
 class PreemptionCheckpoint(pl.Callback):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dreg.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
+from dreg.errors import EXIT_PREEMPTED
 from dreg.model import VAE
 from dreg.run import train
 from tests.conftest import ROOT, TINY_RUN, requires_mnist
@@ -75,7 +76,7 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig):
         time.sleep(0.05)
     proc.send_signal(sig)  # mid-epoch, between step 10 and 40
     _, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stderr[-2000:]
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]  # never 0: `&& next` stops
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "preempted" and 10 <= status["global_step"] < 40, status
     assert not (run_dir / "metrics.json").exists()

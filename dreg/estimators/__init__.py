@@ -20,14 +20,19 @@ from dreg.estimators.surrogates import Particles, routed_loss, surrogate_losses
 def estimator_by_name(name: str, **params: Any) -> Estimator:
     """A new estimator whose ``name`` is ``name`` (the config name), with its default
     parameters unless given. Works from an installed package: no config files are read."""
+    known = estimator_classes()
+    if name not in known:
+        raise ValueError(f"unknown estimator '{name}'; choose one of {sorted(known)}")
+    return known[name](**params)
+
+
+def estimator_classes() -> dict[str, type[Estimator]]:
+    """Every estimator class by its config name (the subclasses of :class:`Estimator`)."""
 
     def subclasses(cls: type[Estimator]) -> list[type[Estimator]]:
         return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
 
-    known = {cls.name: cls for cls in subclasses(Estimator)}
-    if name not in known:
-        raise ValueError(f"unknown estimator '{name}'; choose one of {sorted(known)}")
-    return known[name](**params)
+    return {cls.name: cls for cls in subclasses(Estimator)}
 
 
 __all__ = [
@@ -48,5 +53,6 @@ __all__ = [
     "Particles",
     "routed_loss",
     "estimator_by_name",
+    "estimator_classes",
     "surrogate_losses",
 ]

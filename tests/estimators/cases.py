@@ -149,12 +149,3 @@ def t_statistics(samples: Tensor, target: Tensor | float = 0.0) -> Tensor:
     """Per-coordinate (mean - target) / standard error over draws (dim 0)."""
     n = samples.shape[0]
     return (samples.mean(0) - target) / (samples.std(0) / math.sqrt(n))
-
-
-def snr(samples: Tensor) -> float:
-    """The paper's aggregate SNR sqrt(sum_i mean_i^2 / sum_i var_i), with the squared mean
-    debiased by var/N so that a zero-mean gradient does not read as SNR ~ 1/sqrt(N)."""
-    n = samples.shape[0]
-    var = samples.var(0)
-    mean_sq = (samples.mean(0).square() - var / n).clamp_min(0)
-    return float((mean_sq.sum() / var.sum()).sqrt())

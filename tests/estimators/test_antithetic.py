@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
+from dreg.analytic import GaussianModel
 from dreg.model import VAE
-from tests.analytic import GaussianModel
 from tests.estimators.cases import sample_gradients, t_statistics
 
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from tests.analytic import GaussianModel
+from dreg.analytic import GaussianModel
 from tests.estimators.cases import ESTIMATORS, NAMES, naive_bound, naive_coefficients
 
 K = 6

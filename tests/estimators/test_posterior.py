@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.analytic import GaussianModel
+from dreg.analytic import GaussianModel
 from tests.estimators.cases import ESTIMATORS, NAMES, ZERO_AT_POSTERIOR, t_statistics
 
 K = 8

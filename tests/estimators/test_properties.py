@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from dreg.analytic import GaussianModel
 from dreg.estimators import DReGAlpha, DReGCV, DReGIWAE, DReGRWS, Estimator
-from tests.analytic import GaussianModel
 from tests.estimators.cases import ESTIMATORS, MIN_SAMPLES, NAMES
 
 INF = math.inf

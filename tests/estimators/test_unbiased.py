@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tests.analytic import GaussianModel
+from dreg.analytic import GaussianModel
 from tests.estimators.cases import ALPHA, sample_gradients, t_statistics
 
 NUM_DRAWS = 2000

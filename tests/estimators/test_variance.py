@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.analytic import GaussianModel
-from tests.estimators.cases import sample_gradients, snr
+from dreg.analytic import GaussianModel, snr
+from tests.estimators.cases import sample_gradients
 
 NUM_DRAWS = 2000
 KS = (4, 64, 256)

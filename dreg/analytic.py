@@ -1,4 +1,5 @@
-"""A latent-variable model where every quantity is known in closed form, for estimator tests.
+"""A latent-variable model where every quantity is known in closed form: the ground truth that
+the estimator tests and the estimator-variance benchmark measure against.
 
     p(z) = N(0, I),  p(x | z) = N(z + theta, I),  q(z | x_b) = N(mu_b, diag(sigma_b^2))
 
@@ -202,3 +203,13 @@ class GaussianModel:
         sigma = self.log_sigma.exp()
         log_w = self.log_joint(draw.z, self.theta) - normal_log_prob(draw.z, self.mu, sigma)
         return log_w.reshape(draw.eps.shape[0], -1)
+
+
+def snr(samples: Tensor) -> float:
+    """The paper's aggregate SNR sqrt(sum_i mean_i^2 / sum_i var_i) of gradient samples
+    ``[N, D]``, with the squared mean debiased by var/N so that a zero-mean gradient does not
+    read as SNR ~ 1/sqrt(N)."""
+    n = samples.shape[0]
+    var = samples.var(0)
+    mean_sq = (samples.mean(0).square() - var / n).clamp_min(0)
+    return float((mean_sq.sum() / var.sum()).sqrt())

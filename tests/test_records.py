@@ -1,0 +1,294 @@
+"""Run records through the real CLI: what a user sees after kills, re-runs, sweeps and bad input.
+
+Each test runs ``train.py`` in a subprocess at a tiny size and checks what a user would check:
+exit codes, the one-line message, ``status.json``, ``metrics.json``, folders and summary rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreg.checkpointing import load_checkpoint
+from dreg.errors import EXIT_PREEMPTED
+from tests.conftest import ROOT, TINY_RUN, requires_mnist
+
+pytestmark = [requires_mnist, pytest.mark.slow]
+
+SMALL = ["model.net.hidden_dims=[16]", "model.net.latent_dim=4", "model.num_samples=4"]
+RUN = [*TINY_RUN, *SMALL]
+
+
+def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The last stderr line, which must be the whole message."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[-1]
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+# -- run-folder guard and lock (item 6) -----------------------------------------------------
+def test_rerun_into_a_used_folder_is_refused_and_changes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli(*RUN, f"hydra.run.dir={run_dir}").returncode == 0
+    metrics = (run_dir / "metrics.json").read_text()
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+
+    result = cli(*RUN, "seed=5", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 7
+    assert "already holds a run (completed); continue it with resume=true" in error_line(result)
+    assert (run_dir / "metrics.json").read_text() == metrics
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == config  # Hydra's rewrite undone
+    assert status(run_dir)["status"] == "completed"
+
+
+def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    first = start(*RUN, "trainer.max_steps=100000", "trainer.val_check_interval=100000",
+                  f"hydra.run.dir={run_dir}")  # fmt: skip
+    try:
+        wait_for(run_dir / "csv" / "metrics.csv", first)
+        result = cli(*RUN, f"hydra.run.dir={run_dir}", "resume=true")
+        assert result.returncode == 7
+        assert f"in use by a live run (pid {first.pid})" in error_line(result)
+        assert status(run_dir)["status"] == "running"
+    finally:
+        first.kill()
+        first.wait()
+
+
+# -- preemption: exit code, status from one step, cumulative time (item 9) ------------------
+def test_preempted_run_records_one_step_and_resume_accumulates_time(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*RUN, "trainer.max_steps=60", "trainer.val_check_interval=10", "logger=csv",
+            "callbacks=estimator_compare", "callbacks.estimator_compare.log_every_n_steps=1",
+            "callbacks.estimator_compare.estimators=[iwae,dreg_iwae]"]  # fmt: skip
+    proc = start(*args, f"hydra.run.dir={run_dir}")
+    wait_for(run_dir / "checkpoints" / "best-step10.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: preempted at step")
+    preempted = status(run_dir)
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert preempted["status"] == "preempted"
+    assert preempted["global_step"] == checkpoint["global_step"]  # one step, one record
+    assert not any(k.startswith(("train/", "val/")) for k in preempted)  # no stale values
+    compare = [v for k, v in checkpoint["callbacks"].items() if "EstimatorComparison" in k]
+    assert compare and compare[0]["iwae"]["steps"] == checkpoint["global_step"]
+
+    result = cli(*args, f"hydra.run.dir={run_dir}", "resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 60
+    assert metrics["train_seconds"] > preempted["train_seconds"]  # both segments counted
+    assert metrics["tested_checkpoint"].startswith("checkpoints/")  # relative to the run
+    assert status(run_dir)["status"] == "completed"
+    final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    (ema,) = [v for k, v in final["callbacks"].items() if "EstimatorComparison" in k]
+    assert ema["iwae"]["steps"] == 60  # the comparison's averages continued across the resume
+
+
+# -- resume checks (item 5) -----------------------------------------------------------------
+def test_resume_under_another_experiment_is_refused_with_the_differences(tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli(*RUN, f"hydra.run.dir={run_dir}").returncode == 0
+    for override, shown in [
+        ("estimator=dreg_iwae", "estimator._target_: dreg.estimators.IWAE -> "),
+        ("model.num_samples=2", "model.num_samples: 4 -> 2"),
+        ("dataset=omniglot", "dataset._target_"),
+    ]:
+        result = cli(*RUN, override, f"hydra.run.dir={run_dir}", "resume=true",
+                     "trainer.max_steps=6")  # fmt: skip
+        assert result.returncode == 5, result.stderr[-2000:]
+        assert shown in error_line(result)
+        assert status(run_dir)["status"] == "completed"  # the refused attempt changed nothing
+    allowed = cli(*RUN, "estimator=dreg_iwae", f"hydra.run.dir={run_dir}", "resume=true",
+                  "trainer.max_steps=6", "resume_allow_changes=true")  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+def test_resume_continues_its_own_checkpoint_not_the_one_it_started_from(tmp_path):
+    origin, run_dir = tmp_path / "origin", tmp_path / "run"
+    assert cli(*RUN, f"hydra.run.dir={origin}").returncode == 0  # 4 steps
+    start_from = f"ckpt_path={origin / 'checkpoints' / 'last.ckpt'}"
+    assert cli(*RUN, start_from, "trainer.max_steps=8", f"hydra.run.dir={run_dir}").returncode == 0
+    # The README's recipe: the same command plus resume=true (and a longer budget).
+    result = cli(*RUN, start_from, "trainer.max_steps=10", f"hydra.run.dir={run_dir}",
+                 "resume=true")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (run_dir / "train.log").read_text()
+    assert f"Restoring states from the checkpoint path at {run_dir / 'checkpoints'}" in log
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/objective")]
+    assert max(steps) == 10 and min(steps) > 4  # never restarted from the origin's step 4
+
+
+# -- sweeps (item 2) ------------------------------------------------------------------------
+def summary(sweep_dir: Path) -> dict[str, dict]:
+    with (sweep_dir / "summary.csv").open() as f:
+        return {row["job"]: row for row in csv.DictReader(f)}
+
+
+def test_swept_step_budgets_get_their_own_folders(tmp_path):
+    result = cli("-m", *RUN, "trainer.max_steps=3,5", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = summary(tmp_path)
+    assert sorted(rows) == ["trainer.max_steps=3", "trainer.max_steps=5"]
+    assert [int(rows[j]["global_step"]) for j in sorted(rows)] == [3, 5]
+    assert not list(tmp_path.glob("*/checkpoints/last-v1.ckpt"))
+
+
+def test_a_sweep_rerun_with_resume_keeps_finished_jobs_and_finishes_the_rest(tmp_path):
+    args = ["-m", *RUN, "trainer.max_steps=30", "trainer.val_check_interval=10", "seed=0,1,2",
+            f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    sweep = start(*args)
+    wait_for(tmp_path / "seed=1" / "checkpoints" / "best-step10.ckpt", sweep)
+    sweep.send_signal(signal.SIGTERM)  # job seed=1 is preempted; seed=2 never starts
+    _, stderr = sweep.communicate(timeout=240)
+    assert sweep.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    rows = summary(tmp_path)
+    assert rows["seed=0"]["status"] == "completed" and rows["seed=1"]["status"] == "preempted"
+    assert not (tmp_path / "seed=2").exists()
+    finished = (tmp_path / "seed=0" / "metrics.json").read_text()
+
+    result = cli(*args, "resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert jobs == ["seed=0", "seed=1", "seed=2"]
+    rows = summary(tmp_path)
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows.values())
+    assert all(int(r["global_step"]) == 30 for r in rows.values())
+    assert (tmp_path / "seed=0" / "metrics.json").read_text() == finished  # kept, not retrained
+    log = (tmp_path / "seed=1" / "train.log").read_text()
+    assert "Restoring states from the checkpoint path" in log  # continued, not restarted
+
+
+# -- safe loading and one-line errors (items 4 and 7) ---------------------------------------
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_checkpoint_runs_nothing(tmp_path):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Exploit(marker)}, evil)
+    for mode in ("mode=diagnose", "mode=bias_check", "mode=train"):
+        result = cli(*RUN, mode, "estimator=dreg_iwae", f"ckpt_path={evil}",
+                     f"hydra.run.dir={tmp_path / mode}")  # fmt: skip
+        assert result.returncode == 4, result.stderr[-2000:]
+        assert "holds objects that are not allowed in a dreg checkpoint" in error_line(result)
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code", "message"),
+    [
+        (["ckpt_path=train.py"], 4, "is not a checkpoint (not a PyTorch zip archive"),
+        (["ckpt_path=missing.ckpt"], 4, "checkpoint missing.ckpt not found"),
+        (["model.optimizer.lr=1e30", "trainer.max_steps=20"], 6, "non-finite"),
+        (["paths.data_dir=/nonexistent-data", "dataset.download=false"], 3, "not found"),
+    ],
+    ids=["not-a-checkpoint", "missing-checkpoint", "non-finite", "data"],
+)
+def test_expected_errors_are_one_line_with_their_exit_code(tmp_path, overrides, code, message):
+    result = cli(*RUN, *overrides, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == code, result.stderr[-2000:]
+    line = error_line(result)
+    assert message in line and "delete" not in line
+    assert status(tmp_path) == {"status": "failed", "error": line[7:], "exit_code": code}
+
+
+def test_wrong_model_shape_in_a_checkpoint_is_one_line(tmp_path):
+    origin = tmp_path / "origin"
+    assert cli(*RUN, f"hydra.run.dir={origin}").returncode == 0
+    result = cli(*RUN, "model.net.hidden_dims=[8]", "train_model=false",
+                 f"ckpt_path={origin / 'checkpoints' / 'last.ckpt'}",
+                 f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert result.returncode == 4
+    assert "holds a model of another shape" in error_line(result)
+
+
+def test_traceback_on_request(tmp_path):
+    result = cli(*RUN, "ckpt_path=train.py", f"hydra.run.dir={tmp_path}",
+                 env={"DREG_TRACEBACK": "1", "HYDRA_FULL_ERROR": "1"})  # fmt: skip
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+# -- logging from the first run on (items 8, 9) ---------------------------------------------
+def test_short_runs_log_a_training_curve_and_steps_agree_with_checkpoints(tmp_path):
+    result = cli(*RUN, "trainer.max_steps=6", "trainer.log_every_n_steps=50",
+                 "trainer.val_check_interval=3", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with (tmp_path / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r.get("train/objective")] == [6]
+    val_steps = [int(r["step"]) for r in rows if r.get("val/log_likelihood")]
+    assert val_steps == [3, 6]
+    best = sorted(p.name for p in (tmp_path / "checkpoints").glob("best-step*.ckpt"))
+    assert {f"best-step{s}.ckpt" for s in val_steps} >= set(best)
+
+
+# -- diagnostics need no source tree (item 9) -----------------------------------------------
+def test_diagnostics_run_from_a_copied_package_and_any_folder(tmp_path):
+    site, app, elsewhere = tmp_path / "site", tmp_path / "app", tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "dreg", site / "dreg", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "conf", app / "conf")
+    shutil.copy(ROOT / "train.py", app / "train.py")
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(app / "train.py"), *RUN, "mode=diagnose",
+         "mode.num_samples=[1,2]", "mode.estimators=[iwae,jvi]", "mode.num_draws=3",
+         "mode.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "snr_vs_k.csv").exists()
