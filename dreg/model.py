@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributions import Independent, Normal
 
 from dreg.estimators.surrogates import Particles
+from dreg.library import antithetic_noise, make_particles
 
 _LOG_2PI = math.log(2 * math.pi)
 SCALE_OFFSET = 0.25  # softplus(raw + 0.25): the original's initial scale bias
@@ -149,24 +151,19 @@ class VAE(nn.Module):
     ) -> Particles:
         """One encoder pass and one decoder pass with K reparameterized samples per point.
 
+        Built by :func:`dreg.library.make_particles`, the one constructor of Particles.
+
         :param antithetic: mirror half of the noise (eps, -eps) around the posterior mean.
         """
         mean, scale = self.posterior_params(x, context)  # [B, Dz] each
-        shape = (num_samples, *mean.shape)
-        if antithetic:
-            if num_samples % 2:
-                raise ValueError(f"antithetic sampling needs an even K, got K={num_samples}")
-            half = torch.randn((num_samples // 2, *mean.shape), device=x.device, dtype=mean.dtype)
-            eps = torch.cat([half, -half], dim=0)  # [K, B, Dz]
-        else:
-            eps = torch.randn(shape, device=x.device, dtype=mean.dtype)  # [K, B, Dz]
-        z = mean + scale * eps  # [K, B, Dz]
-        z_for_p = z.view_as(z)  # a distinct autograd node: the routing hook goes here
-        return Particles(
-            log_p=self.log_joint(x, z_for_p, context),
-            log_q_stopped=gaussian_log_prob(z, mean.detach(), scale.detach()),
-            log_q_stop_z=gaussian_log_prob(z.detach(), mean, scale),
-            z_for_p=z_for_p,
+        # validate_args=False: a NaN scale must reach the loss, where model.nonfinite decides
+        # whether to raise or skip, not fail inside the constructor.
+        proposal = Independent(Normal(mean, scale, validate_args=False), 1, validate_args=False)
+        return make_particles(
+            proposal,
+            lambda z: self.log_joint(x, z, context),
+            num_samples,
+            noise=antithetic_noise if antithetic else None,
         )
 
     @torch.no_grad()

@@ -35,7 +35,8 @@ class Particles:
     :ivar log_p: ``[K, B]`` log p(x, z_k) (or log p(x, z_k | c)), computed from ``z_for_p``.
     :ivar log_q_stopped: ``[K, B]`` log q(z_k; stop(mu), stop(sigma)): z keeps its path.
     :ivar log_q_stop_z: ``[K, B]`` log q(stop(z_k); mu, sigma): the direct (score) term.
-    :ivar z_for_p: ``[K, B, Dz]`` the alias of z that feeds log p; the routing hook sits here.
+    :ivar z_for_p: ``[K, B, *event]`` the alias of z that feeds log p; the routing hook sits
+        here. Models build Particles with :func:`dreg.library.make_particles`.
     """
 
     log_p: Tensor
@@ -92,7 +93,9 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
     else:
         model = torch.ones_like(path)
     if particles.z_for_p.requires_grad:
-        ratio = (path / model).unsqueeze(-1)  # [K, B, 1]
+        # [K, B, 1, ...]: one factor per sample, broadcast over z's event dims (any number).
+        event_dims = (1,) * (particles.z_for_p.dim() - path.dim())
+        ratio = (path / model).reshape(*path.shape, *event_dims)
         particles.z_for_p.register_hook(lambda grad: grad * ratio)
     log_q_terms = (path * particles.log_q_stopped + weights.score * particles.log_q_stop_z).sum(0)
     loss = -((model * particles.log_p).sum(0) - log_q_terms).mean()
