@@ -190,7 +190,14 @@ def main(cfg: DictConfig) -> float | None:
         )
     if main_process and folder.status.get("status") != "completed":
         folder.write_status("completed")
-    return metrics.get(cfg.get("optimized_metric") or "", None)
+    name = cfg.get("optimized_metric")
+    if name and metrics and name not in metrics:
+        log.warning(
+            "optimized_metric=%s is not among this run's results %s; sweepers get None",
+            name,
+            sorted(k for k, v in metrics.items() if isinstance(v, float)),
+        )
+    return metrics.get(name or "", None)
 
 
 # Errors that refuse to start a resume, before anything of the run changed.

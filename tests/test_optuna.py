@@ -23,7 +23,7 @@ def test_optuna_lr_maximizes_the_returned_metric_over_a_log_lr_range():
         cfg = compose("train", ["hydra/sweeper=optuna_lr"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper.direction == "maximize"  # the plugin's own default minimizes
-    assert cfg.optimized_metric == "test/log_likelihood"
+    assert cfg.optimized_metric == "val/log_likelihood"  # never select on test data
     assert sweeper.params["model.optimizer.lr"] == "tag(log, interval(3e-5, 3e-3))"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert sweeper.sampler.seed is not None  # the same command proposes the same trials
@@ -43,6 +43,7 @@ def test_three_trial_study_through_the_cli_names_the_best_learning_rate(tmp_path
             f"hydra.sweeper.storage=sqlite:///{study_db}",
             "debug=fast",
             "trainer.max_steps=2",
+            "trainer.val_check_interval=2",  # the selection metric is the last validation
             "model.eval_num_samples=20",
             f"hydra.sweep.dir={sweep_dir}",
         ],
@@ -63,7 +64,7 @@ def test_three_trial_study_through_the_cli_names_the_best_learning_rate(tmp_path
         assert LR_RANGE[0] <= lr <= LR_RANGE[1]
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["status"] == "completed" and metrics["global_step"] == 2
-        results[lr] = metrics["test/log_likelihood"]
+        results[lr] = metrics["val/log_likelihood"]
     assert len(results) == 3  # three different learning rates were tried
 
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
