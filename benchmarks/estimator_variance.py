@@ -2,7 +2,7 @@
 
     python -m benchmarks.estimator_variance [--k 64] [--draws 4000]
 
-Model: tests/analytic.py (p(z) = N(0, I), p(x|z) = N(z + theta, I), three data points in
+Model: dreg/analytic.py (p(z) = N(0, I), p(x|z) = N(z + theta, I), three data points in
 D = 2, q off the posterior). For each estimator, N independent K-sample gradient estimates
 of the inference parameters (mu, log sigma) on the same draws; variance = sum over
 coordinates of the per-coordinate variance; SNR = sqrt(sum mean^2 / sum var) (debiased).

@@ -2,7 +2,7 @@
 
 Measures, interleaving contenders so machine noise cancels (medians over repetitions):
 
-1. training steps/s of the real path (``dreg.run.build`` + Lightning Trainer, CSV logger at its
+1. training steps/s of the real path (``dreg.build.build`` + Lightning Trainer, CSV logger at its
    default interval, default callbacks) against :class:`benchmarks.reference.ReferenceLoop`,
    for every estimator in ``conf/estimator/``;
 2. step time of every estimator relative to ``iwae``, and step time versus K;
@@ -29,8 +29,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from benchmarks.reference import ReferenceLoop, synchronize
+from dreg.build import build, build_trainer
 from dreg.model import VAE
-from dreg.run import build, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

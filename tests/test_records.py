@@ -174,37 +174,42 @@ def summary(sweep_dir: Path) -> dict[str, dict]:
         return {row["job"]: row for row in csv.DictReader(f)}
 
 
+# Every task override is part of a job's folder name: a sweep keeps its overrides few.
+SWEEP = ["debug=fast", "model.num_samples=4"]
+
+
 def test_swept_step_budgets_get_their_own_folders(tmp_path):
-    result = cli("-m", *RUN, "trainer.max_steps=3,5", f"hydra.sweep.dir={tmp_path}")
+    result = cli("-m", *SWEEP, "trainer.max_steps=3,5", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = summary(tmp_path)
-    assert sorted(rows) == ["trainer.max_steps=3", "trainer.max_steps=5"]
+    prefix = "debug=fast,model.num_samples=4,"
+    assert sorted(rows) == [prefix + "trainer.max_steps=3", prefix + "trainer.max_steps=5"]
     assert [int(rows[j]["global_step"]) for j in sorted(rows)] == [3, 5]
     assert not list(tmp_path.glob("*/checkpoints/last-v1.ckpt"))
 
 
 def test_a_sweep_rerun_with_resume_keeps_finished_jobs_and_finishes_the_rest(tmp_path):
-    args = ["-m", *RUN, "trainer.max_steps=30", "trainer.val_check_interval=10", "seed=0,1,2",
-            f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    args = ["-m", *SWEEP, "trainer.max_steps=30", "seed=0,1,2", f"hydra.sweep.dir={tmp_path}"]
+    job = {s: f"debug=fast,model.num_samples=4,seed={s},trainer.max_steps=30" for s in range(3)}
     sweep = start(*args)
-    wait_for(tmp_path / "seed=1" / "checkpoints" / "best-step10.ckpt", sweep)
+    wait_for(tmp_path / job[1] / "checkpoints" / "best-step10.ckpt", sweep)
     sweep.send_signal(signal.SIGTERM)  # job seed=1 is preempted; seed=2 never starts
     _, stderr = sweep.communicate(timeout=240)
     assert sweep.returncode == EXIT_PREEMPTED, stderr[-2000:]
     rows = summary(tmp_path)
-    assert rows["seed=0"]["status"] == "completed" and rows["seed=1"]["status"] == "preempted"
-    assert not (tmp_path / "seed=2").exists()
-    finished = (tmp_path / "seed=0" / "metrics.json").read_text()
+    assert rows[job[0]]["status"] == "completed" and rows[job[1]]["status"] == "preempted"
+    assert not (tmp_path / job[2]).exists()
+    finished = (tmp_path / job[0] / "metrics.json").read_text()
 
     result = cli(*args, "resume=true")
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert jobs == ["seed=0", "seed=1", "seed=2"]
+    assert jobs == [job[0], job[1], job[2]]
     rows = summary(tmp_path)
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows.values())
     assert all(int(r["global_step"]) == 30 for r in rows.values())
-    assert (tmp_path / "seed=0" / "metrics.json").read_text() == finished  # kept, not retrained
-    log = (tmp_path / "seed=1" / "train.log").read_text()
+    assert (tmp_path / job[0] / "metrics.json").read_text() == finished  # kept, not retrained
+    log = (tmp_path / job[1] / "train.log").read_text()
     assert "Restoring states from the checkpoint path" in log  # continued, not restarted
 
 
@@ -222,7 +227,7 @@ def test_a_malicious_checkpoint_runs_nothing(tmp_path):
     torch.save({"state_dict": {}, "payload": _Exploit(marker)}, evil)
     for mode in ("mode=diagnose", "mode=bias_check", "mode=train"):
         result = cli(*RUN, mode, "estimator=dreg_iwae", f"ckpt_path={evil}",
-                     f"hydra.run.dir={tmp_path / mode}")  # fmt: skip
+                     f"hydra.run.dir={tmp_path / mode.replace('=', '-')}")  # fmt: skip
         assert result.returncode == 4, result.stderr[-2000:]
         assert "holds objects that are not allowed in a dreg checkpoint" in error_line(result)
         assert not marker.exists()
