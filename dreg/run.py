@@ -1,4 +1,8 @@
-"""What ``python train.py`` does: build every object from the config, train, test, record."""
+"""What ``python train.py`` does: claim the run folder, check the config, run the mode.
+
+:func:`main` is the same for every mode (train, bias_check, diagnose) and keeps the run
+folder's ``status.json``; :func:`train` is the train mode: build, fit (or resume), test, record.
+"""
 
 from __future__ import annotations
 
@@ -32,46 +36,57 @@ from dreg.records import RunFolder, check_resume_compatible, experiment_config, 
 log = logging.getLogger(__name__)
 
 
-def git_commit() -> str:
-    """The commit the code runs from (with ``-dirty`` for uncommitted changes), or ``unknown``."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point called by ``train.py``: claim the run folder, validate, run the mode.
 
-
-def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> Path | None:
-    """What ``trainer.fit`` continues from.
-
-    With ``resume=true`` the run's own ``last.ckpt`` wins, even when ``ckpt_path`` started the
-    run: a run started from another checkpoint and then preempted must continue its own
-    progress, not restart from where it began. Otherwise ``ckpt_path`` (full resume).
+    Records the outcome in ``status.json`` (running, completed, preempted, failed with the
+    error) and returns the optimized metric, for Hydra sweepers. Expected errors are
+    :class:`dreg.errors.RunError` with one-line messages; ``train.py`` prints them.
     """
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if cfg.get("resume") and last.exists():
-        return last
-    if cfg.get("resume") and not cfg.get("ckpt_path"):
-        log.warning("resume=true but %s does not exist: starting from scratch", last)
-    return Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
-
-
-def relative(path: str | Path, root: Path) -> str:
-    """``path`` relative to the run folder when inside it (run folders can be moved)."""
+    folder = RunFolder(cfg.paths.output_dir)
+    main_process = is_main_process()
+    if main_process:
+        folder.claim(resume=bool(cfg.get("resume")))  # RunFolderError: nothing written
+    before = folder.status
     try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+        validate(cfg)
+        if main_process:
+            folder.write_status("running", pid=os.getpid(), git_commit=git_commit())
+        metrics = instantiate(cfg.mode.run)(cfg) or {}
+    except Exception as err:
+        if not main_process:
+            raise
+        if isinstance(err, REFUSALS) and before.get("status") in ("completed", "preempted"):
+            folder.write_status(**before)  # a refused resume leaves the run's record as it was
+        else:
+            code = err.exit_code if isinstance(err, RunError) else 1
+            folder.write_status("failed", error=one_line(err), exit_code=code)
+        raise
+    if metrics.get("status") == "preempted":
+        raise PreemptedError(
+            f"preempted at step {metrics['global_step']}: saved checkpoints/last.ckpt; "
+            "continue with the same command and resume=true"
+        )
+    if main_process and folder.status.get("status") != "completed":
+        folder.write_status("completed")
+    name = cfg.get("optimized_metric")
+    if name and metrics and name not in metrics:
+        log.warning(
+            "optimized_metric=%s is not among this run's results %s; sweepers get None",
+            name,
+            sorted(k for k, v in metrics.items() if isinstance(v, float)),
+        )
+    return metrics.get(name or "", None)
+
+
+# Errors that refuse to start a resume, before anything of the run changed.
+REFUSALS = (ConfigError, CheckpointError, ResumeMismatchError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line: expected errors are their message, others ``Type: message``."""
+    text = str(err).strip().replace("\n", " ")
+    return text if isinstance(err, RunError) else f"{type(err).__name__}: {text}"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -157,54 +172,43 @@ def already_completed(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | Non
     return json.loads(metrics_file.read_text())
 
 
-def main(cfg: DictConfig) -> float | None:
-    """Entry point called by ``train.py``: claim the run folder, validate, run the mode.
+def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """What ``trainer.fit`` continues from.
 
-    Records the outcome in ``status.json`` (running, completed, preempted, failed with the
-    error) and returns the optimized metric, for Hydra sweepers. Expected errors are
-    :class:`dreg.errors.RunError` with one-line messages; ``train.py`` prints them.
+    With ``resume=true`` the run's own ``last.ckpt`` wins, even when ``ckpt_path`` started the
+    run: a run started from another checkpoint and then preempted must continue its own
+    progress, not restart from where it began. Otherwise ``ckpt_path`` (full resume).
     """
-    folder = RunFolder(cfg.paths.output_dir)
-    main_process = is_main_process()
-    if main_process:
-        folder.claim(resume=bool(cfg.get("resume")))  # RunFolderError: nothing written
-    before = folder.status
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("resume") and last.exists():
+        return last
+    if cfg.get("resume") and not cfg.get("ckpt_path"):
+        log.warning("resume=true but %s does not exist: starting from scratch", last)
+    return Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+
+
+def relative(path: str | Path, root: Path) -> str:
+    """``path`` relative to the run folder when inside it (run folders can be moved)."""
     try:
-        validate(cfg)
-        if main_process:
-            folder.write_status("running", pid=os.getpid(), git_commit=git_commit())
-        metrics = instantiate(cfg.mode.run)(cfg) or {}
-    except Exception as err:
-        if not main_process:
-            raise
-        if isinstance(err, REFUSALS) and before.get("status") in ("completed", "preempted"):
-            folder.write_status(**before)  # a refused resume leaves the run's record as it was
-        else:
-            code = err.exit_code if isinstance(err, RunError) else 1
-            folder.write_status("failed", error=one_line(err), exit_code=code)
-        raise
-    if metrics.get("status") == "preempted":
-        raise PreemptedError(
-            f"preempted at step {metrics['global_step']}: saved checkpoints/last.ckpt; "
-            "continue with the same command and resume=true"
-        )
-    if main_process and folder.status.get("status") != "completed":
-        folder.write_status("completed")
-    name = cfg.get("optimized_metric")
-    if name and metrics and name not in metrics:
-        log.warning(
-            "optimized_metric=%s is not among this run's results %s; sweepers get None",
-            name,
-            sorted(k for k, v in metrics.items() if isinstance(v, float)),
-        )
-    return metrics.get(name or "", None)
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
-# Errors that refuse to start a resume, before anything of the run changed.
-REFUSALS = (ConfigError, CheckpointError, ResumeMismatchError)
-
-
-def one_line(err: BaseException) -> str:
-    """The error as one line: expected errors are their message, others ``Type: message``."""
-    text = str(err).strip().replace("\n", " ")
-    return text if isinstance(err, RunError) else f"{type(err).__name__}: {text}"
+def git_commit() -> str:
+    """The commit the code runs from (with ``-dirty`` for uncommitted changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
