@@ -27,6 +27,8 @@ from torch.distributions import (
     Normal,
 )
 
+from tests.estimators.cases import naive_bound, naive_iwae_bound, naive_jackknife_bound
+
 DTYPE = torch.float64
 LOG_2PI = math.log(2 * math.pi)
 
@@ -211,17 +213,6 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 
 
 # -- reference gradients from the estimators' definitions ------------------------------------
-def logmeanexp(log_w: Tensor) -> Tensor:
-    return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
-
-
-def jackknife(log_w: Tensor) -> Tensor:
-    """K L_K - (K-1)/K sum_k L_{K-1}^(-k), leaving each sample out explicitly."""
-    k = log_w.shape[0]
-    loo = [logmeanexp(torch.cat([log_w[:i], log_w[i + 1 :]])) for i in range(k)]
-    return k * logmeanexp(log_w) - (k - 1) * torch.stack(loo).mean(0)
-
-
 def loo_weight_squares(log_w: Tensor) -> Tensor:
     """``[K, B]``: entry j is sum_{k != j} (w_j / sum_{i != k} w_i)^2, by explicit loops."""
     k = log_w.shape[0]
@@ -232,15 +223,6 @@ def loo_weight_squares(log_w: Tensor) -> Tensor:
                 others = torch.cat([log_w[:left_out], log_w[left_out + 1 :]])
                 out[j] += torch.exp(2 * (log_w[j] - torch.logsumexp(others, 0)))
     return out
-
-
-def bound(name: str, log_w: Tensor) -> Tensor:
-    """``[B]`` the bound each estimator states it optimizes."""
-    if name == "vae":
-        return log_w.mean(0)
-    if name in ("jvi", "dreg_jvi"):
-        return jackknife(log_w)
-    return logmeanexp(log_w)
 
 
 def inference_surrogate(
@@ -263,17 +245,17 @@ def inference_surrogate(
     if name == "vae":
         return log_w_full.mean(0).sum()
     if name == "iwae":
-        return logmeanexp(log_w_full).sum()
+        return naive_iwae_bound(log_w_full).sum()
     if name == "jvi":
-        return jackknife(log_w_full).sum()
+        return naive_jackknife_bound(log_w_full).sum()
     if name == "stl":  # d logmeanexp of the stopped log-weights = sum_k w~_k d(stopped log w_k)
-        return logmeanexp(log_w_path).sum()
+        return naive_iwae_bound(log_w_path).sum()
     if name == "rws":  # wake-phi: maximize sum_k w~_k log q(stop z_k)
         return (w * log_q_score).sum()
     if name == "dreg_cv":
         al, be, ga, de = (cv[n] for n in ("alpha", "beta", "gamma", "delta"))
         loo = torch.stack([torch.logsumexp(torch.cat([lw[:i], lw[i + 1 :]]), 0) for i in range(k)])
-        signal = logmeanexp(lw) - (1 - ga) * loo
+        signal = naive_iwae_bound(lw) - (1 - ga) * loo
         return (
             al * (signal * log_q_score).sum()
             + (1 - al) * (w * log_w_path).sum()
@@ -301,7 +283,8 @@ def reference_gradients(
     stopped = tuple(p.detach() for p in params)
     # Model gradient: d/dtheta of the bound, z held fixed (z does not depend on theta).
     log_w_theta = model.log_joint(x, z.detach()) - model.log_q(stopped, z.detach())
-    model_grads = torch.autograd.grad(bound(name, log_w_theta).sum(), model.model_parameters())
+    model_bound = naive_bound(name, log_w_theta).sum()
+    model_grads = torch.autograd.grad(model_bound, model.model_parameters())
     log_p = model.log_joint(x, z)
     surrogate = inference_surrogate(
         name,
