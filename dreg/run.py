@@ -20,6 +20,7 @@ from dreg.checkpointing import AtomicCheckpointIO, load_checkpoint
 from dreg.config import validate
 from dreg.files import write_json
 from dreg.lightning_module import DReGModule
+from dreg.loggers import continue_loggers
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         load_net_weights(module.net, cfg.ckpt_path)
         last = output_dir / "checkpoints" / "last.ckpt"
         resume_from = str(last) if cfg.get("resume") and last.exists() else None
+    if resume_from:  # every logger continues the run at the checkpoint's step
+        continue_loggers(trainer.loggers, load_checkpoint(resume_from)["global_step"])
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
