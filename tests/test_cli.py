@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, requires_mnist
+from tests.conftest import NO_PROGRESS_BAR, ROOT, TINY_RUN, requires_mnist
 
 pytestmark = [requires_mnist, pytest.mark.slow]
 
@@ -34,13 +34,15 @@ def test_multirun_writes_one_directory_per_job_named_by_swept_values(tmp_path):
     run_cli(
         "-m",
         "debug=fast",
+        *NO_PROGRESS_BAR,
         "estimator=iwae",
         "seed=0,1",
         "trainer.max_steps=2",
         f"hydra.sweep.dir={tmp_path}",
     )
+    quiet = ",".join(NO_PROGRESS_BAR)  # sorts before debug=fast in the name
     for seed in (0, 1):
-        job = tmp_path / f"debug=fast,estimator=iwae,seed={seed}"
+        job = tmp_path / f"{quiet},debug=fast,estimator=iwae,seed={seed}"
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["global_step"] == 2
         assert (job / ".hydra" / "config.yaml").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,10 +15,11 @@ import pytest
 import torch
 
 from dreg.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
+from dreg.config import ConfigError, validate
 from dreg.errors import EXIT_PREEMPTED
 from dreg.model import VAE
 from dreg.run import train
-from tests.conftest import ROOT, TINY_RUN, requires_mnist
+from tests.conftest import NO_PROGRESS_BAR, ROOT, TINY_RUN, compose_config, requires_mnist
 
 CLI = [sys.executable, "train.py"]
 
@@ -122,44 +122,102 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "missing.ckpt")
 
 
+def write_corrupt_last_checkpoint(run_dir: Path) -> None:
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"\x00" * 100)
+
+
 @requires_mnist
+# Resuming means the run's checkpoint folder is not empty; Lightning warns about exactly that.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_resume_from_a_corrupt_checkpoint_fails_clearly(tiny_cfg, tmp_path):
+    write_corrupt_last_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        train(tiny_cfg("resume=true"))
+
+
+@requires_mnist
+@pytest.mark.slow
 def test_resume_from_a_corrupt_checkpoint_fails_clearly_on_the_cli(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"\x00" * 100)
+    write_corrupt_last_checkpoint(tmp_path)
     result = cli(*TINY_RUN, f"hydra.run.dir={tmp_path}", "resume=true")
     assert result.returncode != 0
     assert "is not a checkpoint" in result.stderr
 
 
 # -- fail-fast configuration ----------------------------------------------------------------
-BAD_OVERRIDES = {
-    "K<1": (["model.num_samples=0"], "model.num_samples=0"),
-    "batch<=0": (["dataset.batch_size=0"], "dataset.batch_size=0"),
-    "lr<=0": (["model.optimizer.lr=-0.1"], "model.optimizer.lr=-0.1"),
-    "eval_num_samples<1": (["model.eval_num_samples=0"], "model.eval_num_samples=0"),
-    "nonfinite-policy": (["model.nonfinite=ignore"], "model.nonfinite=ignore"),
-    "jackknife-K<2": (["estimator=jvi", "model.num_samples=1"], "estimator: estimator 'jvi'"),
-    "alpha>1": (["estimator=dreg_alpha", "estimator.alpha=1.5"], "estimator: alpha=1.5: dreg_"),
+# Values checked by dreg.config's generic rules: the message starts with the override itself
+# (key and value) and ends with the override that fixes it.
+BAD_VALUES = [
+    "model.num_samples=0",
+    "model.num_samples=true",  # a bool is not a count, though Python says True == 1
+    "model.eval_num_samples=0",
+    "model.eval_chunk_size=0",
+    "dataset.batch_size=0",
+    "dataset.eval_batch_size=-5",
+    "model.optimizer.lr=-0.1",
+    "model.nonfinite=ignore",
+    "trainer.max_steps=0",
+]
+# The estimators' own rules: (overrides, how the message starts, the fix it names).
+BAD_ESTIMATOR_SETTINGS = {
+    "jackknife-K<2": (
+        ["estimator=jvi", "model.num_samples=1"],
+        "estimator: estimator 'jvi' needs K >= 2",
+        "set model.num_samples=2 or more",
+    ),
+    "alpha>1": (
+        ["estimator=dreg_alpha", "estimator.alpha=1.5"],
+        "estimator: alpha=1.5: dreg_alpha needs",
+        "a number in [0, 1]",
+    ),
     "antithetic-dreg": (
         ["estimator=dreg_iwae", "model.antithetic=true"],
         "model.antithetic=true: estimator 'dreg_iwae'",
+        "set model.antithetic=false",
     ),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_OVERRIDES), ids=list(BAD_OVERRIDES))
-def test_bad_value_fails_fast_with_one_line(tmp_path, case):
-    overrides, expected = BAD_OVERRIDES[case]
-    result = cli(*overrides, f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"error: {expected}"), result.stderr[-1000:]
+def config_error(overrides: list[str], tmp_path: Path) -> str:
+    """The message :func:`dreg.config.validate` raises for the real config plus ``overrides``."""
+    with pytest.raises(ConfigError) as raised:
+        validate(compose_config(overrides, tmp_path))
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+def test_bad_value_fails_validation_with_one_line_naming_key_value_and_fix(override, tmp_path):
+    key = override.split("=")[0]
+    message = config_error([override], tmp_path)
+    assert "\n" not in message
+    # Case-blind: the message spells the parsed value, e.g. YAML's `true` as Python's `True`.
+    assert message.lower().startswith(f"{override}: must be ".lower()), message
+    assert f"override it, e.g. {key}=<" in message, message
+
+
+@pytest.mark.parametrize("case", list(BAD_ESTIMATOR_SETTINGS))
+def test_bad_estimator_setting_fails_validation_with_one_line_and_fix(case, tmp_path):
+    overrides, start, fix = BAD_ESTIMATOR_SETTINGS[case]
+    message = config_error(overrides, tmp_path)
+    assert "\n" not in message
+    assert message.startswith(start), message
+    assert fix in message, message
+
+
+def test_cli_exits_2_with_the_validation_message_before_writing_anything(tmp_path):
+    # The same message validate() gives in process, printed as the last line, exit code 2.
+    override = BAD_VALUES[0]
+    message = config_error([override], tmp_path / "in-process")
+    run_dir = tmp_path / "run"
+    result = cli(override, *NO_PROGRESS_BAR, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2, result.stderr[-1000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
     # Nothing but Hydra's files, the folder lock and the failure record.
-    written = sorted(p.name for p in tmp_path.iterdir())
+    written = sorted(p.name for p in run_dir.iterdir())
     assert written == [".hydra", ".lock", "status.json", "train.log"]
-    status = json.loads((tmp_path / "status.json").read_text())
-    assert status["status"] == "failed" and status["exit_code"] == 2
-    assert status["error"] == lines[-1].removeprefix("error: ")
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status == {"status": "failed", "error": message, "exit_code": 2}
 
 
 def test_unknown_key_typo_fails_before_anything_runs(tmp_path):
@@ -216,6 +274,7 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path):
     result = cli(
         "-m",
         "debug=fast",
+        *NO_PROGRESS_BAR,
         "trainer.max_steps=2",
         "model.optimizer.lr=0.001,-1",
         f"hydra.sweep.dir={tmp_path}",
@@ -223,18 +282,20 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path):
     assert result.returncode != 0  # Hydra reports the failure after running every job
     with open(tmp_path / "summary.csv") as f:
         rows = {row["job"]: row for row in csv.DictReader(f)}
-    good = rows["debug=fast,model.optimizer.lr=0.001"]
-    bad = rows["debug=fast,model.optimizer.lr=-1"]
+    quiet = ",".join(NO_PROGRESS_BAR)  # sorts before debug=fast in the name
+    good = rows[f"{quiet},debug=fast,model.optimizer.lr=0.001"]
+    bad = rows[f"{quiet},debug=fast,model.optimizer.lr=-1"]
     assert good["status"] == "completed" and float(good["test/log_likelihood"]) < 0
     assert bad["status"] == "failed" and "model.optimizer.lr=-1" in bad["error"]
-    assert (tmp_path / "debug=fast,model.optimizer.lr=0.001" / "metrics.json").exists()
+    assert (tmp_path / f"{quiet},debug=fast,model.optimizer.lr=0.001" / "metrics.json").exists()
 
 
 @requires_mnist
 @pytest.mark.slow
-def test_same_seed_same_config_gives_identical_metrics(tiny_cfg, tmp_path):
-    first = train(tiny_cfg())
-    os.rename(tmp_path / "checkpoints", tmp_path / "first-checkpoints")
-    second = train(tiny_cfg())
+def test_same_seed_same_config_gives_identical_metrics(tmp_path):
+    # Two run directories: a second run in the first one's would find its checkpoints and CSV
+    # logs, which Lightning warns about and overwrites.
+    first = train(compose_config(TINY_RUN, tmp_path / "first"))
+    second = train(compose_config(TINY_RUN, tmp_path / "second"))
     for key in ("test/log_likelihood", "test/bound", "train/objective"):
         assert first[key] == second[key], key

@@ -38,7 +38,7 @@ def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("estimator_sweep")
     command = [
         sys.executable, "train.py", "-m", f"estimator={','.join(NAMES)}",
-        "debug=fast", "logger=csv", "callbacks=none",
+        "debug=fast", "logger=csv", "callbacks=none", "trainer.enable_progress_bar=false",
         "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.val_check_interval=3",
         "model.num_samples=4", "model.eval_num_samples=10",
         "dataset.train_subset=256", "dataset.eval_subset=100",
