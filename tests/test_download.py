@@ -273,12 +273,6 @@ def test_lake_wrong_checksum(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["corrupt", "truncated", "missing-key", "wrong-shape"])
-# numpy 2.4's np.load(path) leaks its file handle when a file starts like a zip but is not one
-# (NpzFile.__init__ raises after taking ownership); the truncated case shows it when collected.
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <_io.FileIO name='.*lake.npz'"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
 def test_lake_bad_file(tmp_path: Path, case: str) -> None:
     path = tmp_path / LAKE_FILE
     path.parent.mkdir()

@@ -93,7 +93,8 @@ def read_lake(path: Path) -> dict[str, np.ndarray]:
     """
     fix = f"rebuild it from {LAKE_URL} (see docs/datasets.md) or {DATA_DIR_HINT}"
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        # Our own handle: np.load(path) leaks it when a file starts like a zip but is not one.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
             missing = [k for k in LAKE_KEYS if k not in archive.files]
             if missing:
                 raise DataError(
@@ -171,7 +172,7 @@ def read_prepared(path: Path, fix: str) -> Prepared:
     if not zipfile.is_zipfile(path):  # else numpy's error blames pickled data
         raise DataError(f"{unreadable} (not an npz archive); {fix}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
             missing = [k for k in PREPARED_KEYS if k not in archive.files]
             if missing:
                 raise DataError(
