@@ -86,6 +86,7 @@ class RunFolder:
         accepted = self.path / ".hydra" / "accepted"
         if self.has_records() and not resume:
             self._restore_hydra_files(accepted)
+            self.release()
             state = self.status.get("status", "results")
             raise RunFolderError(
                 f"run folder {self.path} already holds a run ({state}); continue it with "
@@ -93,6 +94,13 @@ class RunFolder:
                 "hydra.sweep.dir)"
             )
         self._keep_hydra_files(accepted)
+
+    def release(self) -> None:
+        """Give up the lock (also done by the kernel when the process ends)."""
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
 
     def _keep_hydra_files(self, accepted: Path) -> None:
         source = self.path / ".hydra"

@@ -47,14 +47,30 @@ def main(cfg: DictConfig) -> float | None:
     main_process = is_main_process()
     if main_process:
         folder.claim(resume=bool(cfg.get("resume")))  # RunFolderError: nothing written
-    before = folder.status
+    try:
+        metrics = run_mode(cfg, folder if main_process else None)
+    finally:
+        folder.release()
+    name = cfg.get("optimized_metric")
+    if name and metrics and name not in metrics:
+        log.warning(
+            "optimized_metric=%s is not among this run's results %s; sweepers get None",
+            name,
+            sorted(k for k, v in metrics.items() if isinstance(v, float)),
+        )
+    return metrics.get(name or "", None)
+
+
+def run_mode(cfg: DictConfig, folder: RunFolder | None) -> dict[str, Any]:
+    """Validate and run the configured mode, keeping ``folder``'s status (main process only)."""
+    before = folder.status if folder is not None else {}
     try:
         validate(cfg)
-        if main_process:
+        if folder is not None:
             folder.write_status("running", pid=os.getpid(), git_commit=git_commit())
         metrics = instantiate(cfg.mode.run)(cfg) or {}
     except Exception as err:
-        if not main_process:
+        if folder is None:
             raise
         if isinstance(err, REFUSALS) and before.get("status") in ("completed", "preempted"):
             folder.write_status(**before)  # a refused resume leaves the run's record as it was
@@ -67,16 +83,9 @@ def main(cfg: DictConfig) -> float | None:
             f"preempted at step {metrics['global_step']}: saved checkpoints/last.ckpt; "
             "continue with the same command and resume=true"
         )
-    if main_process and folder.status.get("status") != "completed":
+    if folder is not None and folder.status.get("status") != "completed":
         folder.write_status("completed")
-    name = cfg.get("optimized_metric")
-    if name and metrics and name not in metrics:
-        log.warning(
-            "optimized_metric=%s is not among this run's results %s; sweepers get None",
-            name,
-            sorted(k for k, v in metrics.items() if isinstance(v, float)),
-        )
-    return metrics.get(name or "", None)
+    return metrics
 
 
 # Errors that refuse to start a resume, before anything of the run changed.

@@ -296,7 +296,7 @@ def test_unwritable_prepared_path_gives_one_line_naming_the_command(
     command = f"`{COMMAND} --data-dir {tmp_path} --output "
     assert command in line and "dataset.prepared_path=" in line
     assert sorted(p.name for p in (tmp_path / LAKE_FILE).parent.iterdir()) == [LAKE_FILE.name]
-    assert main(["--data-dir", str(tmp_path), "--output", str(output), "--no-verify"]) == 1
+    assert main(["--data-dir", str(tmp_path), "--output", str(output), "--no-verify"]) == 3
     assert capsys.readouterr().err == f"error: {line}\n"
 
 
