@@ -170,15 +170,15 @@ def already_completed(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | Non
     Lets a whole sweep be re-run with ``resume=true``: finished jobs are kept as they are,
     preempted ones continue, the rest start. A larger ``trainer.max_steps`` extends a run.
     """
-    metrics_file, last = output_dir / "metrics.json", output_dir / "checkpoints" / "last.ckpt"
-    if not (cfg.get("resume") and metrics_file.exists() and last.exists()):
+    metrics_file = output_dir / "metrics.json"
+    if not (cfg.get("resume") and metrics_file.exists()):
         return None
-    steps = int(load_checkpoint(last)["global_step"])
-    max_steps = cfg.trainer.get("max_steps", -1)
+    metrics = json.loads(metrics_file.read_text())
+    steps, max_steps = int(metrics.get("global_step", 0)), cfg.trainer.get("max_steps", -1)
     if max_steps == -1 or steps < max_steps:
         return None
     log.info("%s already completed %d steps: nothing to do", output_dir, steps)
-    return json.loads(metrics_file.read_text())
+    return metrics
 
 
 def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> Path | None:

@@ -98,7 +98,7 @@ def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
         assert status(run_dir)["status"] == "running"
     finally:
         first.kill()
-        first.wait()
+        first.communicate()
 
 
 # -- preemption: exit code, status from one step, cumulative time (item 9) ------------------
