@@ -47,9 +47,10 @@ def assert_same_training(got: dict, want: dict) -> None:
     assert got["checkpoint"]["state_dict"].keys() == want["checkpoint"]["state_dict"].keys()
     for name, tensor in want["checkpoint"]["state_dict"].items():
         assert torch.equal(got["checkpoint"]["state_dict"][name], tensor), name
-    (got_opt,), (want_opt,) = got["checkpoint"]["optimizer_states"], want["checkpoint"][
-        "optimizer_states"
-    ]
+    (got_opt,), (want_opt,) = (
+        got["checkpoint"]["optimizer_states"],
+        want["checkpoint"]["optimizer_states"],
+    )
     assert got_opt["param_groups"] == want_opt["param_groups"]
     assert got_opt["state"].keys() == want_opt["state"].keys()
     for key, state in want_opt["state"].items():
@@ -57,9 +58,10 @@ def assert_same_training(got: dict, want: dict) -> None:
             assert torch.equal(got_opt["state"][key][field], value), (key, field)
     assert got["rows"] == want["rows"]  # every logged value, at the same steps
     loader = "loops"  # the data position (epoch, batches consumed) continues identically
-    assert got["checkpoint"][loader]["fit_loop"]["state_dict"]["combined_loader"] == want[
-        "checkpoint"
-    ][loader]["fit_loop"]["state_dict"]["combined_loader"]
+    assert (
+        got["checkpoint"][loader]["fit_loop"]["state_dict"]["combined_loader"]
+        == want["checkpoint"][loader]["fit_loop"]["state_dict"]["combined_loader"]
+    )
     for key in ("train/objective", "train/iwae_bound", "val/log_likelihood", "test/bound"):
         assert got["metrics"][key] == want["metrics"][key], key
 
