@@ -21,6 +21,7 @@ from dreg.datamodules.binarized import Batch
 from dreg.estimators import estimator_by_name
 from dreg.lightning_module import DReGModule
 from dreg.model import VAE
+from dreg.run import train
 from tests.conftest import TINY_RUN, compose_config, requires_mnist
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -122,8 +123,6 @@ def test_nonfinite_step_inside_a_group_is_flagged(policy):
 
 @requires_mnist
 def test_lightning_run_with_a_captured_grouped_step(tmp_path):
-    from dreg.run import train
-
     overrides = [
         *TINY_RUN,
         "trainer.accelerator=gpu",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from dreg.checkpointing import load_checkpoint
 from dreg.datamodules.batches import GroupedBatches, ShuffledBatches
@@ -182,8 +183,6 @@ def test_cuda_graph_is_ignored_on_cpu_with_a_log_line(tmp_path, caplog):
 
 
 def test_steps_per_call_must_be_a_positive_integer(tiny_cfg):
-    from hydra.utils import instantiate
-
     cfg = tiny_cfg("model.steps_per_call=0")
     with pytest.raises(Exception, match="model.steps_per_call=0"):
         instantiate(cfg.model, net=VAE(784), estimator=instantiate(cfg.estimator))
