@@ -103,3 +103,13 @@ def carry_step_count(trainer: pl.Trainer, manual: bool) -> None:
     source, target = (automatic, grouped) if manual else (grouped, automatic)
     if target.total.completed < source.total.completed:
         target.load_state_dict(source.state_dict())
+        if not manual:
+            # One step per call counts its validation and log cadence in calls, and its calls
+            # are its steps: continue from the steps, not from the checkpoint's group count.
+            # A checkpoint written mid-call (at validation) counts the call as ready but not
+            # yet stepped for logging; keep that lag so the restart finishes the call alike.
+            steps = target.total.completed
+            calls = loop.batch_progress.total
+            lag = calls.ready - loop._batches_that_stepped
+            calls.ready = calls.started = calls.processed = calls.completed = steps
+            loop._batches_that_stepped = steps - lag

@@ -166,6 +166,26 @@ def test_raise_inside_a_group_names_the_step_and_keeps_the_last_good_checkpoint(
 
 
 @requires_mnist
+@pytest.mark.parametrize(
+    "first, then", [(4, 1), (1, 4)], ids=["grouped-then-single", "single-then-grouped"]
+)
+def test_a_run_extended_with_another_steps_per_call_continues_exactly(tmp_path, first, then):
+    want = run(tmp_path / "straight")
+    out = tmp_path / "extended"
+    train(
+        compose_config(
+            [*TINY_RUN, *CADENCE, "trainer.max_steps=12", f"model.steps_per_call={first}"], out
+        )
+    )
+    got = run(out, "resume=true", f"model.steps_per_call={then}")  # continues last.ckpt (10)
+    assert got["metrics"]["global_step"] == want["metrics"]["global_step"] == 21
+    # The CSV logger of the resumed segment holds its own rows: compare from step 11 on.
+    want["rows"] = [row for row in want["rows"] if int(row["step"]) > 10]
+    assert len(want["rows"]) >= 4  # log rows 12, 15, 18, 21; validation 15, 20; test
+    assert_same_training(got, want)
+
+
+@requires_mnist
 def test_per_step_callbacks_fall_back_to_one_step_per_call_and_say_why(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dreg.lightning_module"):
         got = run(tmp_path / "grouped", "callbacks=grad_stats", "model.steps_per_call=4")
