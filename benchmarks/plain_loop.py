@@ -70,7 +70,7 @@ class PlainVAE(nn.Module):
         """``(loss, bound)``: one backward of ``loss`` gives the estimator's gradients."""
         mean, raw = self.encoder(x - self.train_mean).chunk(2, -1)
         scale = F.softplus(raw + 0.25)
-        z = mean + scale * torch.randn((k, *mean.shape), device=x.device)
+        z = mean + scale * torch.randn((k, *mean.shape), device=x.device, dtype=mean.dtype)
         z_p = z.view_as(z)  # the decoder's copy of z, where DReG rescales the path gradient
         logits = self.decoder(z_p)
         log_p = (-0.5 * z_p**2 - 0.5 * LOG_2PI).sum(-1) - F.binary_cross_entropy_with_logits(
