@@ -27,30 +27,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
-from benchmarks.plain_loop import PlainLoop, sync
-from benchmarks.run import compose_cfg
+from benchmarks.plain_loop import PlainLoop
+from benchmarks.run import StepTimer, compose_cfg
 from dreg.run import build, build_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ESTIMATORS = ["iwae", "dreg_iwae", "dreg_jvi"]
-
-
-class GroupTimer(pl.Callback):
-    """Wall time of the optimizer steps after the first ``warmup`` ones, whole calls only."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end = warmup, None, 0.0
-        self.first_step, self.steps = 0, 0
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if self.start is None and trainer.global_step >= self.warmup:
-            sync(module.device)
-            self.start, self.first_step = time.perf_counter(), trainer.global_step
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.start is not None:
-            sync(module.device)
-            self.end, self.steps = time.perf_counter(), trainer.global_step - self.first_step
 
 
 def real_path_steps_per_s(
@@ -65,7 +47,7 @@ def real_path_steps_per_s(
         pl.seed_everything(0, verbose=False)
         datamodule, module = build(cfg)
         trainer = build_trainer(cfg, Path(out))
-        timer = GroupTimer(warmup)
+        timer = StepTimer(warmup)
         trainer.callbacks.append(timer)
         trainer.fit(module, datamodule=datamodule)
         return timer.steps / (timer.end - timer.start)

@@ -31,6 +31,7 @@ from tests.conftest import ROOT, TINY_RUN, compose_config, requires_mnist
 
 # 21 steps: one epoch (16) and a bit; validation every 5, log rows every 3, groups of 4.
 CADENCE = ["trainer.max_steps=21", "trainer.val_check_interval=5", "trainer.log_every_n_steps=3"]
+SINGLE = "model.steps_per_call=1"  # Lightning's automatic loop: the reference
 
 
 def run(out: Path, *overrides: str) -> dict:
@@ -114,7 +115,7 @@ def test_a_resumed_grouped_loader_continues_with_the_same_batches():
     ids=["iwae", "dreg_jvi", "dreg_cv-aux-loss", "inference-only"],
 )
 def test_grouped_calls_equal_single_steps_bitwise(tmp_path, overrides):
-    want = run(tmp_path / "single", *overrides)
+    want = run(tmp_path / "single", *overrides, SINGLE)
     got = run(tmp_path / "grouped", *overrides, "model.steps_per_call=4")
     assert want["metrics"]["global_step"] == got["metrics"]["global_step"] == 21
     assert_same_training(got, want)
@@ -122,7 +123,7 @@ def test_grouped_calls_equal_single_steps_bitwise(tmp_path, overrides):
 
 @requires_mnist
 def test_groups_longer_than_every_interval_still_step_and_log_like_single_steps(tmp_path):
-    want = run(tmp_path / "single")
+    want = run(tmp_path / "single", SINGLE)
     got = run(tmp_path / "grouped", "model.steps_per_call=64")
     assert_same_training(got, want)
 
@@ -145,7 +146,7 @@ def inject_nan_at_call(monkeypatch, call: int) -> None:
 @requires_mnist
 def test_skip_inside_a_group_equals_skip_in_single_steps(tmp_path, monkeypatch):
     inject_nan_at_call(monkeypatch, 7)  # the 7th step: inside the group of steps 6..9 (0-based 5-8)
-    want = run(tmp_path / "single", "model.nonfinite=skip")
+    want = run(tmp_path / "single", "model.nonfinite=skip", SINGLE)
     inject_nan_at_call(monkeypatch, 7)
     got = run(tmp_path / "grouped", "model.nonfinite=skip", "model.steps_per_call=4")
     assert want["metrics"]["train/skipped_steps"] == got["metrics"]["train/skipped_steps"] == 1
@@ -170,7 +171,7 @@ def test_raise_inside_a_group_names_the_step_and_keeps_the_last_good_checkpoint(
     "first, then", [(4, 1), (1, 4)], ids=["grouped-then-single", "single-then-grouped"]
 )
 def test_a_run_extended_with_another_steps_per_call_continues_exactly(tmp_path, first, then):
-    want = run(tmp_path / "straight")
+    want = run(tmp_path / "straight", SINGLE)
     out = tmp_path / "extended"
     train(
         compose_config(
@@ -190,7 +191,7 @@ def test_per_step_callbacks_fall_back_to_one_step_per_call_and_say_why(tmp_path,
     with caplog.at_level(logging.INFO, logger="dreg.lightning_module"):
         got = run(tmp_path / "grouped", "callbacks=grad_stats", "model.steps_per_call=4")
     assert "one eager step per call instead (callback GradientStatistics" in caplog.text
-    want = run(tmp_path / "single", "callbacks=grad_stats")
+    want = run(tmp_path / "single", "callbacks=grad_stats", SINGLE)
     assert_same_training(got, want)
 
 
@@ -227,7 +228,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_preempted_grouped_run_resumes_bitwise_identical_to_single_steps(tmp_path):
     reference = tmp_path / "reference"
-    assert cli(*RESUME_RUN, f"hydra.run.dir={reference}").returncode == 0
+    assert cli(*RESUME_RUN, SINGLE, f"hydra.run.dir={reference}").returncode == 0
 
     run_dir = tmp_path / "interrupted"
     grouped = [*RESUME_RUN, "model.steps_per_call=3", f"hydra.run.dir={run_dir}"]
