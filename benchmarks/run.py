@@ -37,19 +37,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class StepTimer(pl.Callback):
-    """Wall time from the start of step ``warmup`` to the end of the last step."""
+    """Wall time from the first call that starts at or after step ``warmup`` to the end of the
+    last step (a call may perform several steps: ``model.steps_per_call``)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+        self.warmup, self.start, self.end, self.steps = warmup, None, 0.0, 0
+        self.first_step = 0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
+        if self.start is None and trainer.global_step >= self.warmup:
             synchronize(module.device)
-            self.start = time.perf_counter()
+            self.start, self.first_step = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        synchronize(module.device)
-        self.end, self.steps = time.perf_counter(), trainer.global_step - self.warmup
+        if self.start is not None:
+            synchronize(module.device)
+            self.end, self.steps = time.perf_counter(), trainer.global_step - self.first_step
 
 
 def compose_cfg(estimator: str, num_samples: int, device: str, steps: int, out: Path):

@@ -8,6 +8,7 @@ gradient. What is logged is always the estimator's true bound, never a surrogate
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -18,12 +19,22 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from dreg.datamodules.binarized import Batch
+from dreg.captured_step import CapturedStep
+from dreg.datamodules.binarized import Batch, BatchGroup
 from dreg.errors import NonFiniteError
 from dreg.estimators import Estimator, GradientWeights, Particles, routed_loss
 from dreg.estimators.ops import iwae_bound
+from dreg.grouped_step import (
+    align_cadence,
+    carry_step_count,
+    count_optimizer_step,
+    fallback_reason,
+    group_boundaries,
+)
 from dreg.model import VAE
 from dreg.seeds import derived_seed
+
+log = logging.getLogger(__name__)
 
 
 class DReGModule(pl.LightningModule):
@@ -45,6 +56,11 @@ class DReGModule(pl.LightningModule):
         step, batch and term; parameters and checkpoints keep their last good values) or
         ``skip`` (drop the update, count it in ``train/skipped_steps``; skipped updates do
         not count towards ``trainer.max_steps``).
+    :param steps_per_call: optimizer steps per Lightning training call (:mod:`dreg.grouped_step`):
+        the framework's per-call cost is paid once per N steps; results are bitwise those of
+        one step per call on CPU. Falls back to 1, with one log line, where it cannot apply.
+    :param cuda_graph: on CUDA, replay the whole optimizer step as one captured CUDA graph
+        (:mod:`dreg.captured_step`; Adam becomes ``capturable=True``). Ignored on CPU.
     """
 
     def __init__(
@@ -59,6 +75,8 @@ class DReGModule(pl.LightningModule):
         train_model: bool = True,
         compile: bool = False,
         nonfinite: str = "raise",
+        steps_per_call: int = 1,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "estimator", "optimizer"])
@@ -72,6 +90,16 @@ class DReGModule(pl.LightningModule):
         self.experiment: dict | None = None
         self._seconds_before, self._segment = 0.0, [None, None]
         self._final_row: dict[str, Tensor] | None = None
+        if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int):
+            raise ValueError(f"model.steps_per_call={steps_per_call!r}: must be an integer >= 1")
+        if steps_per_call < 1:
+            raise ValueError(f"model.steps_per_call={steps_per_call}: must be an integer >= 1")
+        self.steps_per_call, self.cuda_graph = steps_per_call, cuda_graph
+        # Decided in setup("fit") from the trainer: grouped calls and the captured step.
+        self._grouped, self._captured_wanted = False, False
+        self._captured: CapturedStep | None = None
+        self._cadence: tuple[int, int] | None = None  # (val_check_interval, log_every_n_steps)
+        self._saved_triggers: tuple | None = None
         if compile:
             for mlp in (self.net.encoder, self.net.decoder):
                 mlp.compile()
@@ -85,7 +113,9 @@ class DReGModule(pl.LightningModule):
         particles = self.net.particles(batch.x, self.num_samples, batch.context, self.antithetic)
         return particles, self.estimator(particles.log_w)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch | BatchGroup, batch_idx: int) -> Tensor | None:
+        if isinstance(batch, BatchGroup):
+            return self._train_group(batch)
         particles, weights = self.estimate(batch)
         loss = routed_loss(particles, weights, train_model=self.train_model)
         # Tensors, not floats: Lightning reads them only at its logging interval (no sync).
@@ -106,13 +136,137 @@ class DReGModule(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        if self._grouped:
+            align_cadence(self.trainer, self.global_step, *self._cadence)
         if self._final_row is not None and self.global_step == self.trainer.max_steps:
             row = {k: float(v) for k, v in self._final_row.items()}
             for logger in self.loggers:
                 logger.log_metrics(row, step=self.global_step)
             self._final_row = None
 
+    # -- several steps per call (dreg.grouped_step) -----------------------------------------
+    def _stop_before(self) -> bool:
+        """A stop signal arrived, or the run has taken its last step."""
+        max_steps = self.trainer.max_steps
+        return self.trainer.received_sigterm or (max_steps > 0 and self.global_step >= max_steps)
+
+    def _train_group(self, group: BatchGroup) -> None:
+        """``len(group)`` optimizer steps, each exactly as one step per call would take it."""
+        if self._captured is not None:
+            return self._train_group_captured(group)
+        optimizer = self.optimizers()
+        last = None
+        skipped_before = self.skipped_steps
+        for i in range(len(group)):
+            if self._stop_before():
+                group.return_unused(len(group) - i)
+                break
+            batch = group.binarized(i)
+            # The order of Lightning's automatic loop: zero_grad, forward, backward, check, step.
+            optimizer.zero_grad()
+            particles, weights = self.estimate(batch)
+            loss = routed_loss(particles, weights, train_model=self.train_model)
+            self.manual_backward(loss)
+            bad = self._nonfinite_terms(loss)
+            if bad:
+                self._nonfinite(bad, group.first_batch + i)
+                optimizer.zero_grad(set_to_none=True)
+                count_optimizer_step(self.trainer)  # one step per call counts a skip as a step
+            else:
+                optimizer.step()
+            last = (weights.objective.mean(), particles.log_w, batch.x.shape[0])
+        if last is not None:
+            self._log_group_end(*last, skipped=self.skipped_steps != skipped_before)
+        return None
+
+    def _train_group_captured(self, group: BatchGroup) -> None:
+        captured = self._captured
+        captured.start_group()
+        first_step, done = self.global_step, 0
+        for i in range(len(group)):
+            if self._stop_before():
+                group.return_unused(len(group) - i)
+                break
+            captured.replay(group.rows[i])
+            count_optimizer_step(self.trainer)
+            done += 1
+        if not done:
+            return None
+        first_bad, skipped = captured.faults()  # the one host read of the group
+        if first_bad >= 0 and self.nonfinite == "raise":
+            self._nonfinite(
+                ["loss or gradient"], group.first_batch + first_bad, first_step + first_bad
+            )
+        self.skipped_steps += skipped
+        objective, bound = captured.objective.clone(), captured.iwae_bound.clone()
+        self._log_group_end(
+            objective, None, skipped=skipped > 0, bound=bound, size=group.rows.shape[1]
+        )
+        return None
+
+    def _log_group_end(
+        self,
+        objective: Tensor,
+        log_w: Tensor | None,
+        size: int,
+        skipped: bool,
+        bound: Tensor | None = None,
+    ) -> None:
+        """Log what one step per call logs at the group's last step (groups end at log steps)."""
+        self.log("train/objective", objective.detach(), prog_bar=True, batch_size=size)
+        if skipped:
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
+        log_every = self._cadence[1]
+        if self.global_step % log_every == 0:
+            if bound is None:
+                bound = iwae_bound(log_w).mean()
+            self.log("train/iwae_bound", bound, batch_size=size)
+            self.log("step", float(self.global_step), batch_size=size)
+        elif self.global_step == self.trainer.max_steps:
+            if bound is None:
+                bound = iwae_bound(log_w).mean()
+            self._final_row = {"train/objective": objective.detach(), "train/iwae_bound": bound}
+
+    def _nonfinite(self, bad: list[str], batch_idx: int, step: int | None = None) -> None:
+        """Raise (naming the step) or count a skipped update, as ``optimizer_step`` does."""
+        step = self.global_step if step is None else step
+        where = f"step {step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"non-finite {', '.join(bad)} at {where}; parameters and checkpoints keep their "
+                "last good values; set model.nonfinite=skip to drop such updates instead"
+            )
+        self.skipped_steps += 1
+
+    def _setup_grouping(self) -> None:
+        trainer = self.trainer
+        on_cuda = trainer.strategy.root_device.type == "cuda"
+        if self.cuda_graph and not on_cuda:
+            log.info(
+                "model.cuda_graph=true ignored: training runs on %s, not CUDA",
+                trainer.strategy.root_device.type,
+            )
+        wanted = self.steps_per_call > 1 or (self.cuda_graph and on_cuda)
+        if not wanted:
+            return
+        reason = fallback_reason(trainer)
+        if reason is not None:
+            log.info(
+                "model.steps_per_call=%d, cuda_graph=%s: one eager step per call instead (%s)",
+                self.steps_per_call,
+                self.cuda_graph,
+                reason,
+            )
+            return
+        self._grouped, self._captured_wanted = True, self.cuda_graph and on_cuda
+        self.automatic_optimization = False
+        log_every = int(trainer.log_every_n_steps)
+        self._cadence = (int(trainer.val_check_interval), log_every)
+        trainer.datamodule.group_batches(self.steps_per_call, group_boundaries(trainer, log_every))
+
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._setup_grouping()
         # Every rank was seeded alike, so every rank built the same initial model. From here
         # each rank draws its own noise (latent samples, binarization): rank 0 keeps the run's
         # stream, rank r > 0 switches to one derived from (seed, r). Resume restores each
@@ -126,9 +280,27 @@ class DReGModule(pl.LightningModule):
     # -- what checkpoints carry besides the weights ----------------------------------------
     def on_train_start(self) -> None:
         self._segment = [time.perf_counter(), None]
+        carry_step_count(self.trainer, manual=not self.automatic_optimization)
+        if self._grouped:
+            trainer = self.trainer
+            self._saved_triggers = (trainer.val_check_batch, trainer.log_every_n_steps)
+            align_cadence(trainer, self.global_step, *self._cadence)
+            if self._captured_wanted:
+                datamodule = trainer.datamodule
+                self._captured = CapturedStep(
+                    self,
+                    self.optimizers().optimizer,
+                    datamodule.splits["train"],
+                    datamodule.split_context,
+                    datamodule.batch_size,
+                    skip_nonfinite=self.nonfinite == "skip",
+                )
 
     def on_train_end(self) -> None:
         self._segment[1] = time.perf_counter()
+        if self._saved_triggers is not None:
+            self.trainer.val_check_batch, self.trainer.log_every_n_steps = self._saved_triggers
+            self._saved_triggers = None
 
     def train_seconds(self) -> float:
         """Wall time spent in training over every segment of the run (resumes included)."""
@@ -197,13 +369,7 @@ class DReGModule(pl.LightningModule):
         if not bad:
             optimizer.step()
             return
-        where = f"step {self.global_step} (epoch {epoch}, batch {batch_idx})"
-        if self.nonfinite == "raise":
-            raise NonFiniteError(
-                f"non-finite {', '.join(bad)} at {where}; parameters and checkpoints keep their "
-                "last good values; set model.nonfinite=skip to drop such updates instead"
-            )
-        self.skipped_steps += 1
+        self._nonfinite(bad, batch_idx)  # raises, or counts the skip
         optimizer.zero_grad(set_to_none=True)
         self.log("train/skipped_steps", float(self.skipped_steps))
 
@@ -215,4 +381,7 @@ class DReGModule(pl.LightningModule):
         extra = [p for p in self.estimator.parameters() if p.requires_grad]
         if extra:
             groups.append({"params": extra, "name": "estimator"})
+        if self._captured_wanted:
+            # Adam's step count and bias correction on the device, so a graph can record it.
+            return self.optimizer_factory(groups, capturable=True)
         return self.optimizer_factory(groups)

@@ -138,6 +138,8 @@ NOT_DEFINING = (
     "model.eval_chunk_size",
     "model.compile",
     "model.nonfinite",
+    "model.steps_per_call",  # bitwise the same training (dreg.grouped_step)
+    "model.cuda_graph",
 )
 
 

@@ -17,6 +17,7 @@ context (struct-MNIST) override :meth:`split_context`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dreg.datamodules.batches import ShuffledBatches
+from dreg.datamodules.batches import GroupedBatches, ShuffledBatches
 
 EVAL_STREAMS = {"val": 1, "test": 2}  # separate random streams of the fixed binarization
 
@@ -38,6 +39,42 @@ class Batch:
 
     x: Tensor
     context: Tensor | None = None
+
+
+class BatchGroup:
+    """The training batches of one call that performs ``len(group)`` optimizer steps.
+
+    Holds row indices, not pixels: batch ``i`` is gathered from the on-device split and
+    binarized only when step ``i`` asks for it (:meth:`binarized`), so the random draws come
+    in the order of one batch per call (binarize, sample, binarize, sample, ...), and a
+    captured CUDA step can do the gather itself from the same indices.
+
+    :ivar rows: ``[n, B]`` row indices into ``data``.
+    :ivar data: ``[N, D]`` grey levels of the training split, on the training device.
+    :ivar first_batch: position of batch 0 in its epoch (for messages naming a batch).
+    """
+
+    def __init__(
+        self,
+        rows: Tensor,
+        data: Tensor,
+        first_batch: int,
+        split: Callable[[Tensor], Batch],
+        source: ShuffledBatches,
+    ) -> None:
+        self.rows, self.data, self.first_batch = rows, data, first_batch
+        self.split, self.source = split, source
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def binarized(self, i: int) -> Batch:
+        """Batch ``i``, dynamically binarized now (a fresh Bernoulli draw)."""
+        return self.split(torch.bernoulli(self.data[self.rows[i]]))
+
+    def return_unused(self, batches: int) -> None:
+        """The last ``batches`` were not trained on (a stop signal or max_steps cut in)."""
+        self.source.return_unused(batches)
 
 
 class TensorRows(Dataset):
@@ -95,6 +132,13 @@ class BinarizedDataModule(pl.LightningDataModule):
         self.num_workers, self.data_on_device = num_workers, data_on_device
         self.splits: dict[str, Tensor] = {}
         self.train_batches: ShuffledBatches | None = None
+        # Set by the LightningModule (model.steps_per_call) before the train loader is built.
+        self.steps_per_call, self.group_boundaries = 1, ()
+
+    def group_batches(self, steps_per_call: int, boundaries: tuple[int, ...]) -> None:
+        """Serve training batches as :class:`BatchGroup` of up to ``steps_per_call`` batches,
+        cut at every multiple of each of ``boundaries`` batches (see GroupedBatches)."""
+        self.steps_per_call, self.group_boundaries = steps_per_call, tuple(boundaries)
 
     # -- to implement ------------------------------------------------------------------------
     def load_splits(self) -> dict[str, Tensor]:
@@ -138,7 +182,7 @@ class BinarizedDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> ShuffledBatches:
+    def train_dataloader(self) -> ShuffledBatches | GroupedBatches:
         rank, world = (
             (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
         )
@@ -146,6 +190,8 @@ class BinarizedDataModule(pl.LightningDataModule):
         self.train_batches = ShuffledBatches(
             self.splits["train"], self.batch_size, torch.initial_seed(), rank, world
         )
+        if self.steps_per_call > 1:
+            return GroupedBatches(self.train_batches, self.steps_per_call, self.group_boundaries)
         return self.train_batches
 
     def val_dataloader(self) -> DataLoader:
@@ -154,7 +200,13 @@ class BinarizedDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Batch:
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Batch | BatchGroup:
+        if self.trainer is not None and self.trainer.training and self.steps_per_call > 1:
+            first = self.train_batches.consumed
+            self.train_batches.mark_consumed(batch.shape[0])
+            return BatchGroup(
+                batch, self.splits["train"], first, self.split_context, self.train_batches
+            )
         if self.trainer is not None and self.trainer.training:
             if self.train_batches is not None:
                 self.train_batches.mark_consumed()

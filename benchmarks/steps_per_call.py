@@ -1,0 +1,165 @@
+"""Steps/s of the real training path with ``model.steps_per_call`` N, against the plain loop.
+
+For each estimator (iwae, dreg_iwae, dreg_jvi) and K, it times ``python train.py``'s path
+(``dreg.run.build`` + the Lightning Trainer from the config: CSV logger at its default
+interval, checkpointing, preemption handler, the non-finite check; no validation) at several
+N, and the independent ceiling :mod:`benchmarks.plain_loop` (no dreg code; eager, and on CUDA
+also the whole step as one CUDA graph, then the real path with ``model.cuda_graph=true``
+too). Contenders are interleaved within each repetition; medians are reported.
+
+    python -m benchmarks.steps_per_call                       # GPU: K = 16, 64, 256, 1024
+    python -m benchmarks.steps_per_call --device cpu --quick  # CPU: K = 16, 64, few steps
+
+Writes ``benchmarks/results/steps_per_call_<device>.{json,md}``. Needs ``DREG_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import open_dict
+
+from benchmarks.plain_loop import PlainLoop
+from benchmarks.run import StepTimer, compose_cfg
+from dreg.run import build, build_trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ESTIMATORS = ["iwae", "dreg_iwae", "dreg_jvi"]
+
+
+def real_path_steps_per_s(
+    estimator: str, k: int, device: str, n: int, graph: bool, steps: int, warmup: int
+) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        cfg = compose_cfg(estimator, k, device, warmup + steps, Path(out))
+        with open_dict(cfg):
+            cfg.model.steps_per_call, cfg.model.cuda_graph = n, graph
+            cfg.callbacks.pop("progress_bar", None)
+            cfg.trainer.enable_progress_bar = False
+        pl.seed_everything(0, verbose=False)
+        datamodule, module = build(cfg)
+        trainer = build_trainer(cfg, Path(out))
+        timer = StepTimer(warmup)
+        trainer.callbacks.append(timer)
+        trainer.fit(module, datamodule=datamodule)
+        return timer.steps / (timer.end - timer.start)
+
+
+def plain_steps_per_s(
+    estimator: str, k: int, device: str, graph: bool, steps: int, warmup: int, data
+) -> float:
+    return PlainLoop(data, estimator, k, graph=graph).steps_per_second(steps, warmup)
+
+
+def markdown(results: dict) -> str:
+    ns = results["steps_per_call"]
+    lines = [
+        f"# steps_per_call ({results['device_name']}, torch {results['torch']})",
+        "",
+        f"{results['when']}; {results['threads']} torch threads; medians of "
+        f"{results['repeats']} interleaved repetitions of {results['steps']} steps; batch 32.",
+        "",
+        "| estimator | K | plain eager | "
+        + " | ".join(f"real N={n}" for n in ns)
+        + " | best real / plain | best N |"
+        + (" plain graph | real graph N=max |" if results["graph"] else ""),
+        "|---|---|---|" + "---|" * len(ns) + "---|---|" + ("---|---|" if results["graph"] else ""),
+    ]
+    for row in results["rows"]:
+        cells = " | ".join(f"{row['real'][str(n)]:.1f}" for n in ns)
+        line = (
+            f"| {row['estimator']} | {row['k']} | {row['plain']:.1f} | {cells} | "
+            f"{row['best_ratio']:.3f} | {row['best_n']} |"
+        )
+        if results["graph"]:
+            line += f" {row['plain_graph']:.1f} | {row['real_graph']:.1f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="K = 16, 64 and few steps (CPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps-per-call", type=int, nargs="*", default=None)
+    parser.add_argument("--estimators", nargs="*", default=ESTIMATORS)
+    args = parser.parse_args()
+    ks = [16, 64] if args.quick else [16, 64, 256, 1024]
+    steps = args.steps or (60 if args.quick else 500)
+    ns = args.steps_per_call or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
+    graph = args.device == "cuda"
+    warmup = max(ns) + 5 if not args.quick else 10
+    data = torch.rand(50_000, 784, device=args.device) * 0.3
+
+    rows = []
+    for k in ks:
+        for estimator in args.estimators:
+            real = {n: [] for n in ns}
+            plain, plain_graph, real_graph = [], [], []
+            for _ in range(args.repeats):
+                plain.append(plain_steps_per_s(estimator, k, args.device, False, steps, 5, data))
+                for n in ns:
+                    real[n].append(
+                        real_path_steps_per_s(estimator, k, args.device, n, False, steps, warmup)
+                    )
+                if graph:
+                    plain_graph.append(
+                        plain_steps_per_s(estimator, k, args.device, True, steps, 5, data)
+                    )
+                    real_graph.append(
+                        real_path_steps_per_s(
+                            estimator, k, args.device, max(ns), True, steps, warmup
+                        )
+                    )
+            med = {n: statistics.median(v) for n, v in real.items()}
+            best_n = max(med, key=med.get)
+            plain_med = statistics.median(plain)
+            row = {
+                "estimator": estimator,
+                "k": k,
+                "plain": plain_med,
+                "real": {str(n): v for n, v in med.items()},
+                "best_n": best_n,
+                "best_ratio": med[best_n] / plain_med,
+                "raw": {"plain": plain, "real": {str(n): v for n, v in real.items()}},
+            }
+            if graph:
+                row["plain_graph"] = statistics.median(plain_graph)
+                row["real_graph"] = statistics.median(real_graph)
+            rows.append(row)
+            print(json.dumps({k2: v for k2, v in row.items() if k2 != "raw"}), flush=True)
+    device_name = (
+        torch.cuda.get_device_name() if graph else platform.processor() or platform.machine()
+    )
+    results = {
+        "device": args.device,
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "steps": steps,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "steps_per_call": ns,
+        "graph": graph,
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"steps_per_call_{args.device}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

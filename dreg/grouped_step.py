@@ -1,0 +1,115 @@
+"""Several optimizer steps per Lightning training call (``model.steps_per_call``).
+
+A training step of the paper's model is ~100 small kernels; Lightning's own per-call work
+(hooks, progress counters, logger bookkeeping) costs about as much again, so on a GPU the
+framework, not the model, sets the pace. With ``steps_per_call = N`` one ``training_step``
+call performs up to N (batch, forward, backward, optimizer step) iterations under Lightning's
+manual optimization, and the framework's cost is paid once per call.
+
+What stays counted in optimizer steps, exactly as with one step per call:
+
+* ``trainer.global_step`` (manual optimization counts every ``optimizer.step()``; a skipped
+  non-finite update is counted too, as Lightning's automatic loop counts it);
+* the batches: the train loader (:class:`~dreg.datamodules.batches.GroupedBatches`) serves
+  the same batches in the same order, binarized just before their step, so every random draw
+  comes in the same order and CPU results are bitwise those of one step per call;
+* validation, log rows and ``max_steps``: groups end at every multiple of
+  ``val_check_interval``, ``log_every_n_steps`` and at ``max_steps``, and
+  :func:`align_cadence` points Lightning's per-call triggers at those calls;
+* preemption: a stop signal ends the group after the current step, and the batches not
+  trained on are given back, so ``last.ckpt`` is at a step boundary like any other.
+
+What falls back to one step per call (one log line says why): see :func:`fallback_reason`.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+from dreg.datamodules.binarized import BinarizedDataModule
+
+#: Callbacks that look at every step's batch or gradient through per-call hooks.
+PER_STEP_CALLBACKS = ("GradientStatistics", "EstimatorComparison")
+
+
+def fallback_reason(trainer: pl.Trainer) -> str | None:
+    """Why this run cannot group steps, or ``None`` when it can."""
+    if trainer.world_size > 1:
+        return "DDP: gradient synchronisation is wired to one backward per call (eager fallback)"
+    if not isinstance(trainer.datamodule, BinarizedDataModule):
+        return "the datamodule does not serve grouped batches"
+    if not isinstance(trainer.val_check_interval, int) or trainer.check_val_every_n_epoch:
+        return "validation is scheduled by epoch fraction, not by step"
+    if trainer.limit_train_batches not in (1.0, None) or trainer.accumulate_grad_batches != 1:
+        return "limit_train_batches / accumulate_grad_batches count calls, not steps"
+    watchers = [
+        type(c).__name__
+        for c in trainer.callbacks
+        if isinstance(c, Callback) and type(c).__name__ in PER_STEP_CALLBACKS
+    ]
+    if watchers:
+        return f"callback {', '.join(watchers)} inspects every step's batch or gradient"
+    return None
+
+
+def group_boundaries(trainer: pl.Trainer, log_every_n_steps: int) -> tuple[int, ...]:
+    """Steps after which a group must end: validation, log rows, the last step."""
+    bounds = [trainer.val_check_interval, log_every_n_steps]
+    if trainer.max_steps and trainer.max_steps > 0:
+        bounds.append(trainer.max_steps)
+    return tuple(int(b) for b in bounds if b and b > 0)
+
+
+def align_cadence(trainer: pl.Trainer, steps_done: int, val_every: int, log_every: int) -> None:
+    """Make Lightning's per-call triggers fire after this call exactly when a run of one step
+    per call would fire them after step ``steps_done``.
+
+    Lightning validates when ``(calls done) % trainer.val_check_batch == 0`` and writes a log
+    row when ``(calls done) % trainer.log_every_n_steps == 0``. With groups of varying length
+    the call count says nothing about the step, so each trigger is set to the number of calls
+    done (fires) or one more (cannot fire, as the count is smaller). Called at the end of
+    every call, and when training (re)starts, for the check Lightning makes on a resume.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    calls = loop.total_batch_idx + 1
+    trainer.val_check_batch = calls if steps_done % val_every == 0 else calls + 1
+    logged_calls = loop._batches_that_stepped + 1  # the count Lightning's should_update_logs uses
+    trainer.log_every_n_steps = logged_calls if steps_done % log_every == 0 else logged_calls + 1
+
+
+def count_optimizer_step(trainer: pl.Trainer) -> None:
+    """Count one optimizer step that did not go through ``LightningOptimizer.step``.
+
+    A skipped non-finite update (one step per call counts it too) and a captured CUDA step
+    (Adam runs inside the graph) advance ``trainer.global_step`` through the same counter
+    that ``optimizer.step()`` advances under manual optimization.
+    """
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.increment_ready()
+    progress.increment_completed()
+
+
+def carry_step_count(trainer: pl.Trainer, manual: bool) -> None:
+    """Continue the step count of a checkpoint written under the other optimization mode.
+
+    Lightning keeps separate step counters for automatic (one step per call) and manual
+    optimization (several); a resume with another ``steps_per_call`` reads the one that the
+    checkpoint did not advance.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    automatic = loop.automatic_optimization.optim_progress.optimizer.step
+    grouped = loop.manual_optimization.optim_step_progress
+    source, target = (automatic, grouped) if manual else (grouped, automatic)
+    if target.total.completed < source.total.completed:
+        target.load_state_dict(source.state_dict())
+        if not manual:
+            # One step per call counts its validation and log cadence in calls, and its calls
+            # are its steps: continue from the steps, not from the checkpoint's group count.
+            # A checkpoint written mid-call (at validation) counts the call as ready but not
+            # yet stepped for logging; keep that lag so the restart finishes the call alike.
+            steps = target.total.completed
+            calls = loop.batch_progress.total
+            lag = calls.ready - loop._batches_that_stepped
+            calls.ready = calls.started = calls.processed = calls.completed = steps
+            loop._batches_that_stepped = steps - lag

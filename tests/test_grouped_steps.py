@@ -1,0 +1,261 @@
+"""model.steps_per_call: N optimizer steps per Lightning call are N single steps, bitwise.
+
+Each comparison trains the same tiny configuration twice from the same seed, once with one
+step per call (Lightning's automatic optimization) and once grouped, and compares the final
+parameters, the optimizer state and every logged row with exact equality. Runs cross an epoch
+boundary (512 training images = 16 batches per epoch) and use intervals that the group size
+does not divide, so groups are cut at epoch ends, validation steps and log steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from dreg.checkpointing import load_checkpoint
+from dreg.datamodules.batches import GroupedBatches, ShuffledBatches
+from dreg.errors import EXIT_PREEMPTED
+from dreg.model import VAE
+from dreg.run import train
+from tests.conftest import ROOT, TINY_RUN, compose_config, requires_mnist
+
+# 21 steps: one epoch (16) and a bit; validation every 5, log rows every 3, groups of 4.
+CADENCE = ["trainer.max_steps=21", "trainer.val_check_interval=5", "trainer.log_every_n_steps=3"]
+SINGLE = "model.steps_per_call=1"  # Lightning's automatic loop: the reference
+
+
+def run(out: Path, *overrides: str) -> dict:
+    metrics = train(compose_config([*TINY_RUN, *CADENCE, *overrides], out))
+    checkpoint = load_checkpoint(out / "checkpoints" / "last.ckpt")
+    (csv_path,) = out.rglob("metrics.csv")
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    return {"metrics": metrics, "checkpoint": checkpoint, "rows": rows}
+
+
+def assert_same_training(got: dict, want: dict) -> None:
+    assert got["checkpoint"]["global_step"] == want["checkpoint"]["global_step"]
+    assert got["checkpoint"]["epoch"] == want["checkpoint"]["epoch"]
+    assert got["checkpoint"]["state_dict"].keys() == want["checkpoint"]["state_dict"].keys()
+    for name, tensor in want["checkpoint"]["state_dict"].items():
+        assert torch.equal(got["checkpoint"]["state_dict"][name], tensor), name
+    (got_opt,), (want_opt,) = (
+        got["checkpoint"]["optimizer_states"],
+        want["checkpoint"]["optimizer_states"],
+    )
+    assert got_opt["param_groups"] == want_opt["param_groups"]
+    assert got_opt["state"].keys() == want_opt["state"].keys()
+    for key, state in want_opt["state"].items():
+        for field, value in state.items():
+            assert torch.equal(got_opt["state"][key][field], value), (key, field)
+    assert got["rows"] == want["rows"]  # every logged value, at the same steps
+    loader = "loops"  # the data position (epoch, batches consumed) continues identically
+    assert (
+        got["checkpoint"][loader]["fit_loop"]["state_dict"]["combined_loader"]
+        == want["checkpoint"][loader]["fit_loop"]["state_dict"]["combined_loader"]
+    )
+    for key in ("train/objective", "train/iwae_bound", "val/log_likelihood", "test/bound"):
+        assert got["metrics"][key] == want["metrics"][key], key
+
+
+# -- the grouped loader ------------------------------------------------------------------------
+DATA = torch.arange(103, dtype=torch.float32).unsqueeze(1)  # [N, 1]: row i holds i
+
+
+def drain(loader, calls: int) -> list[list[int]]:
+    """Take ``calls`` items as Lightning does (iterate per epoch, mark each consumed)."""
+    taken: list[list[int]] = []
+    while len(taken) < calls:
+        for item in loader:
+            n = item.shape[0] if isinstance(loader, GroupedBatches) else 1
+            loader_state = loader.batches if isinstance(loader, GroupedBatches) else loader
+            loader_state.mark_consumed(n)
+            taken.append([int(v) for v in item.reshape(-1)])
+            if len(taken) == calls:
+                break
+    return taken
+
+
+def test_groups_hold_the_single_batches_in_order_cut_at_epochs_and_boundaries():
+    single = drain(ShuffledBatches(DATA, 10, seed=3), 28)  # 10 batches per epoch
+    grouped = GroupedBatches(ShuffledBatches(DATA, 10, seed=3), 4, boundaries=(7,))
+    groups = drain(grouped, 9)
+    sizes = [len(g) // 10 for g in groups]
+    # ends after batch 4, 7 (boundary), 10 (epoch), 14 (boundary), 18, 20 (epoch), 21, 25, 28
+    assert sizes == [4, 3, 3, 4, 4, 2, 1, 4, 3]
+    assert [row for g in groups for row in g] == [row for batch in single for row in batch]
+    state = grouped.state_dict()
+    assert state["epoch"] == 2 and state["consumed"] == sum(sizes) - 20
+
+
+def test_a_resumed_grouped_loader_continues_with_the_same_batches():
+    whole = drain(GroupedBatches(ShuffledBatches(DATA, 10, seed=3), 3), 8)
+    first = GroupedBatches(ShuffledBatches(DATA, 10, seed=3), 3)
+    head = drain(first, 3)
+    second = GroupedBatches(ShuffledBatches(DATA, 10, seed=3), 3)
+    second.load_state_dict(first.state_dict())
+    assert head + drain(second, 5) == whole
+
+
+# -- training: grouped == single, bitwise --------------------------------------------------------
+@requires_mnist
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["estimator=dreg_jvi"], ["estimator=dreg_cv"], ["train_model=false"]],
+    ids=["iwae", "dreg_jvi", "dreg_cv-aux-loss", "inference-only"],
+)
+def test_grouped_calls_equal_single_steps_bitwise(tmp_path, overrides):
+    want = run(tmp_path / "single", *overrides, SINGLE)
+    got = run(tmp_path / "grouped", *overrides, "model.steps_per_call=4")
+    assert want["metrics"]["global_step"] == got["metrics"]["global_step"] == 21
+    assert_same_training(got, want)
+
+
+@requires_mnist
+def test_groups_longer_than_every_interval_still_step_and_log_like_single_steps(tmp_path):
+    want = run(tmp_path / "single", SINGLE)
+    got = run(tmp_path / "grouped", "model.steps_per_call=64")
+    assert_same_training(got, want)
+
+
+def inject_nan_at_call(monkeypatch, call: int) -> None:
+    """Make the model's log p(x, z) NaN on its ``call``-th training evaluation."""
+    original, count = VAE.log_joint, {"n": 0}
+
+    def log_joint(self, x, z, context=None):
+        out = original(self, x, z, context)
+        if torch.is_grad_enabled():
+            count["n"] += 1
+            if count["n"] == call:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(VAE, "log_joint", log_joint)
+
+
+@requires_mnist
+def test_skip_inside_a_group_equals_skip_in_single_steps(tmp_path, monkeypatch):
+    inject_nan_at_call(monkeypatch, 7)  # the 7th step: inside the group of steps 6..9 (0-based 5-8)
+    want = run(tmp_path / "single", "model.nonfinite=skip", SINGLE)
+    inject_nan_at_call(monkeypatch, 7)
+    got = run(tmp_path / "grouped", "model.nonfinite=skip", "model.steps_per_call=4")
+    assert want["metrics"]["train/skipped_steps"] == got["metrics"]["train/skipped_steps"] == 1
+    assert_same_training(got, want)
+
+
+@requires_mnist
+def test_raise_inside_a_group_names_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch
+):
+    inject_nan_at_call(monkeypatch, 8)  # step 7 (0-based): inside the group 5..8
+    cfg = compose_config([*TINY_RUN, *CADENCE, "model.steps_per_call=4"], tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss.*step 7 \(epoch 0, batch 7\)"):
+        train(cfg)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 5  # the last validation, before the group
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+@requires_mnist
+@pytest.mark.parametrize(
+    "first, then", [(4, 1), (1, 4)], ids=["grouped-then-single", "single-then-grouped"]
+)
+def test_a_run_extended_with_another_steps_per_call_continues_exactly(tmp_path, first, then):
+    want = run(tmp_path / "straight", SINGLE)
+    out = tmp_path / "extended"
+    train(
+        compose_config(
+            [*TINY_RUN, *CADENCE, "trainer.max_steps=12", f"model.steps_per_call={first}"], out
+        )
+    )
+    got = run(out, "resume=true", f"model.steps_per_call={then}")  # continues last.ckpt (10)
+    assert got["metrics"]["global_step"] == want["metrics"]["global_step"] == 21
+    # The CSV logger of the resumed segment holds its own rows: compare from step 11 on.
+    want["rows"] = [row for row in want["rows"] if int(row["step"]) > 10]
+    assert len(want["rows"]) >= 4  # log rows 12, 15, 18, 21; validation 15, 20; test
+    assert_same_training(got, want)
+
+
+@requires_mnist
+def test_per_step_callbacks_fall_back_to_one_step_per_call_and_say_why(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="dreg.lightning_module"):
+        got = run(tmp_path / "grouped", "callbacks=grad_stats", "model.steps_per_call=4")
+    assert "one eager step per call instead (callback GradientStatistics" in caplog.text
+    want = run(tmp_path / "single", "callbacks=grad_stats", SINGLE)
+    assert_same_training(got, want)
+
+
+@requires_mnist
+def test_cuda_graph_is_ignored_on_cpu_with_a_log_line(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="dreg.lightning_module"):
+        got = run(tmp_path / "graph", "model.cuda_graph=true", "trainer.accelerator=cpu")
+    assert "model.cuda_graph=true ignored: training runs on cpu" in caplog.text
+    assert got["metrics"]["global_step"] == 21
+
+
+def test_steps_per_call_must_be_a_positive_integer(tiny_cfg):
+    cfg = tiny_cfg("model.steps_per_call=0")
+    with pytest.raises(Exception, match="model.steps_per_call=0"):
+        instantiate(cfg.model, net=VAE(784), estimator=instantiate(cfg.estimator))
+
+
+# -- preemption and exact resume, through the real CLI ------------------------------------------
+RESUME_RUN = [*TINY_RUN, "trainer.max_steps=40", "trainer.val_check_interval=10"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_preempted_grouped_run_resumes_bitwise_identical_to_single_steps(tmp_path):
+    reference = tmp_path / "reference"
+    assert cli(*RESUME_RUN, SINGLE, f"hydra.run.dir={reference}").returncode == 0
+
+    run_dir = tmp_path / "interrupted"
+    grouped = [*RESUME_RUN, "model.steps_per_call=3", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *grouped],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = run_dir / "checkpoints" / "best-step10.ckpt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # mid-epoch, between step 10 and 40
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "preempted" and 10 <= status["global_step"] < 40, status
+
+    result = cli(*grouped, "resume=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    want = load_checkpoint(reference / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == want["global_step"] == 40
+    for name, tensor in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    for key, state in want["optimizer_states"][0]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(got["optimizer_states"][0]["state"][key][field], value), key
