@@ -66,7 +66,10 @@ def test_bias_check_two_processes_equal_one(tmp_path):
         assert two[key]["mean"] == pytest.approx(one[key]["mean"], rel=1e-4)
     for a, b in zip(two["per_tensor"], one["per_tensor"], strict=True):
         assert a["t"] == pytest.approx(b["t"], rel=1e-4)
-    assert written_files(ddp_dir) == {"bias_check.json", "csv/metrics.csv", "csv/hparams.yaml"}
+    assert written_files(ddp_dir) == {
+        "bias_check.json", "csv/metrics.csv", "csv/hparams.yaml", "status.json", ".lock",
+    }  # fmt: skip
+    assert json.loads((ddp_dir / "status.json").read_text()) == {"status": "completed"}
 
 
 def test_diagnose_two_processes_equal_one(tmp_path):
@@ -89,7 +92,8 @@ def test_diagnose_two_processes_equal_one(tmp_path):
         for stat in ("variance", "mean_square", "snr"):
             assert float(a[stat]) == pytest.approx(float(b[stat]), rel=1e-4)
     assert written_files(ddp_dir) == {
-        "snr_vs_k.csv", "snr_vs_k.png", "csv/metrics.csv", "csv/hparams.yaml",
+        "snr_vs_k.csv", "snr_vs_k.png", "csv/metrics.csv", "csv/hparams.yaml", "status.json",
+        ".lock",
     }  # fmt: skip
 
 
