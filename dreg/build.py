@@ -7,6 +7,7 @@ config groups are the API. Training (:mod:`dreg.run`) and the diagnostic modes
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -34,6 +35,9 @@ def build_loggers(cfg: DictConfig) -> list:
 
 def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     """The Lightning trainer of ``cfg.trainer`` with the configured loggers and callbacks."""
+    # ModelCheckpoint warns whenever its folder holds files. dreg.records refuses a used run
+    # folder unless resume=true, and a resumed run's folder holds its checkpoints by design.
+    warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     return instantiate(
         cfg.trainer,

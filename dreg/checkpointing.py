@@ -112,8 +112,7 @@ def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:
 
 
 class PreemptionCheckpoint(pl.Callback):
-    """On SIGTERM/SIGINT: finish the step, save ``dirpath/last.ckpt``, stop; at the end of
-    training, save ``last.ckpt`` too.
+    """On SIGTERM/SIGINT: finish the step, save ``dirpath/last.ckpt``, stop.
 
     ``trainer.fit`` then raises Lightning's ``SIGTERMException``, which :mod:`dreg.run`
     records as a preemption.
@@ -134,11 +133,6 @@ class PreemptionCheckpoint(pl.Callback):
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The final state, whatever the validation cadence: a finished run can be extended
-        # (resume=true with a larger trainer.max_steps) from exactly where it stopped.
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

@@ -129,7 +129,7 @@ RUN = [
 ]
 # A checkpoint every 7 steps, between validations (every 10): a last.ckpt taken after a
 # training batch, as preemption and every_n_train_steps write it.
-EVERY_7 = ["trainer.max_steps=40", "+callbacks.model_checkpoint.every_n_train_steps=7"]
+EVERY_7 = ["trainer.max_steps=40", "+callbacks.last_checkpoint.every_n_train_steps=7"]
 
 
 def kill_after_a_checkpoint(run_dir: Path, *overrides: str) -> int:

@@ -128,8 +128,6 @@ def write_corrupt_last_checkpoint(run_dir: Path) -> None:
 
 
 @requires_mnist
-# Resuming means the run's checkpoint folder is not empty; Lightning warns about exactly that.
-@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_resume_from_a_corrupt_checkpoint_fails_clearly(tiny_cfg, tmp_path):
     write_corrupt_last_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="is not a checkpoint"):
