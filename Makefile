@@ -21,8 +21,8 @@ venv: $(STAMP)  ## create/refresh the virtual environment
 train: $(STAMP)  ## train IWAE on MNIST with the paper's settings (pass overrides with ARGS="...")
 	$(BIN)/python train.py $(ARGS)
 
-test: $(STAMP)  ## run every test layer (CI runs this)
-	$(BIN)/python -m pytest -q $(ARGS)
+test: $(STAMP)  ## run every test layer (CI runs this), one worker per core
+	$(BIN)/python -m pytest -q -n auto $(ARGS)
 
 test-fast: $(STAMP)  ## skip the slow end-to-end and DDP tests
 	$(BIN)/python -m pytest -q -m "not slow and not ddp" $(ARGS)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import CONF_DIR, ROOT
@@ -62,6 +63,23 @@ def test_module_imports_form_no_cycle():
         visit(name, ())
 
 
+def test_the_training_path_imports_no_diagnostics():
+    """Statically: the module-level imports reachable from dreg.run (with no import hidden in
+    a function, tested above, these are all it loads)."""
+    graph = {
+        name: {m for m in dreg_imports(path)[0] if m in MODULES and m != name}
+        for name, path in MODULES.items()
+    }
+    reached, todo = set(), ["dreg.run", "dreg"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(graph[name])
+    assert not {m for m in reached if m.startswith(("dreg.diagnostics", "dreg.callbacks"))}
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and Lightning
 def test_the_training_path_loads_no_diagnostics():
     code = (
         "import dreg.run, sys; "

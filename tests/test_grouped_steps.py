@@ -109,6 +109,7 @@ def test_a_resumed_grouped_loader_continues_with_the_same_batches():
 
 # -- training: grouped == single, bitwise --------------------------------------------------------
 @requires_mnist
+@pytest.mark.slow  # real training runs compared step by step
 @pytest.mark.parametrize(
     "overrides",
     [[], ["estimator=dreg_jvi"], ["estimator=dreg_cv"], ["train_model=false"]],
@@ -122,6 +123,7 @@ def test_grouped_calls_equal_single_steps_bitwise(tmp_path, overrides):
 
 
 @requires_mnist
+@pytest.mark.slow  # real training runs compared step by step
 def test_groups_longer_than_every_interval_still_step_and_log_like_single_steps(tmp_path):
     want = run(tmp_path / "single", SINGLE)
     got = run(tmp_path / "grouped", "model.steps_per_call=64")
@@ -144,6 +146,7 @@ def inject_nan_at_call(monkeypatch, call: int) -> None:
 
 
 @requires_mnist
+@pytest.mark.slow  # real training runs compared step by step
 def test_skip_inside_a_group_equals_skip_in_single_steps(tmp_path, monkeypatch):
     inject_nan_at_call(monkeypatch, 7)  # the 7th step: inside the group of steps 6..9 (0-based 5-8)
     want = run(tmp_path / "single", "model.nonfinite=skip", SINGLE)
@@ -154,6 +157,7 @@ def test_skip_inside_a_group_equals_skip_in_single_steps(tmp_path, monkeypatch):
 
 
 @requires_mnist
+@pytest.mark.slow  # real training runs compared step by step
 def test_raise_inside_a_group_names_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch
 ):
@@ -167,6 +171,7 @@ def test_raise_inside_a_group_names_the_step_and_keeps_the_last_good_checkpoint(
 
 
 @requires_mnist
+@pytest.mark.slow  # real training runs compared step by step
 @pytest.mark.parametrize(
     "first, then", [(4, 1), (1, 4)], ids=["grouped-then-single", "single-then-grouped"]
 )
@@ -187,6 +192,7 @@ def test_a_run_extended_with_another_steps_per_call_continues_exactly(tmp_path, 
 
 
 @requires_mnist
+@pytest.mark.slow  # real training runs compared step by step
 def test_per_step_callbacks_fall_back_to_one_step_per_call_and_say_why(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dreg.lightning_module"):
         got = run(tmp_path / "grouped", "callbacks=grad_stats", "model.steps_per_call=4")
@@ -196,6 +202,7 @@ def test_per_step_callbacks_fall_back_to_one_step_per_call_and_say_why(tmp_path,
 
 
 @requires_mnist
+@pytest.mark.slow  # real training runs compared step by step
 def test_cuda_graph_is_ignored_on_cpu_with_a_log_line(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dreg.lightning_module"):
         got = run(tmp_path / "graph", "model.cuda_graph=true", "trainer.accelerator=cpu")

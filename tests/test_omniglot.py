@@ -316,6 +316,7 @@ def lake_omniglot(tmp_path_factory) -> OmniglotDataModule:
     return dm
 
 
+@pytest.mark.slow  # derives the real 32k-image set (seconds)
 def test_lake_omniglot_prepared_file(lake_omniglot: OmniglotDataModule) -> None:
     prepared = read_prepared(lake_omniglot.prepared_path, fix="")
     assert prepared.train.shape == (24345, 784) and prepared.test.shape == (8115, 784)

@@ -203,6 +203,7 @@ def test_bad_estimator_setting_fails_validation_with_one_line_and_fix(case, tmp_
     assert fix in message, message
 
 
+@pytest.mark.slow  # a real process: importing Lightning alone takes seconds
 def test_cli_exits_2_with_the_validation_message_before_writing_anything(tmp_path):
     # The same message validate() gives in process, printed as the last line, exit code 2.
     override = BAD_VALUES[0]
