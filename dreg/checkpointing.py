@@ -25,7 +25,6 @@ import pathlib
 import pickle
 import random
 import signal
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "not found"
         raise CheckpointError(f"checkpoint {path} {what}; check ckpt_path (or resume=false)")
-    if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        starts_like_a_zip = f.read(4) == b"PK\x03\x04"  # every torch.save file does
+    if not starts_like_a_zip:
         raise CheckpointError(
-            f"{path} is not a checkpoint (not a PyTorch zip archive: a wrong path, or a file "
-            "cut short while copying); point ckpt_path at a .ckpt file written by dreg"
+            f"{path} is not a checkpoint (not a PyTorch archive: a wrong path?); point "
+            "ckpt_path at a .ckpt file written by dreg"
         )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -62,9 +63,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             "it was not loaded. Load only checkpoints you trust, written by dreg"
         ) from err
     except Exception as err:  # torch raises many types for a damaged archive
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(
-            f"checkpoint {path} is damaged ({type(err).__name__}: {err}); use another "
-            f"checkpoint (e.g. best-*.ckpt in {path.parent}) or start a new run"
+            f"checkpoint {path} is damaged, e.g. cut short ({type(err).__name__}: {detail}); "
+            f"use another checkpoint (e.g. best-*.ckpt in {path.parent}) or start a new run"
         ) from err
 
 

@@ -236,7 +236,7 @@ def test_a_malicious_checkpoint_runs_nothing(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "code", "message"),
     [
-        (["ckpt_path=train.py"], 4, "is not a checkpoint (not a PyTorch zip archive"),
+        (["ckpt_path=train.py"], 4, "is not a checkpoint (not a PyTorch archive: a wrong path?)"),
         (["ckpt_path=missing.ckpt"], 4, "checkpoint missing.ckpt not found"),
         (["model.optimizer.lr=1e30", "trainer.max_steps=20"], 6, "non-finite"),
         (["paths.data_dir=/nonexistent-data", "dataset.download=false"], 3, "not found"),

@@ -122,6 +122,17 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "missing.ckpt")
 
 
+def test_a_damaged_checkpoint_is_told_apart_from_a_file_that_is_not_one(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:-300])  # cut short: still starts like a zip archive
+    with pytest.raises(CheckpointError, match=r"is damaged, e.g. cut short .*use another") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value) and "delete" not in str(err.value)
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        load_checkpoint(Path(__file__))  # a wrong path: never called corrupt
+
+
 def write_corrupt_last_checkpoint(run_dir: Path) -> None:
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"\x00" * 100)
