@@ -30,6 +30,7 @@ from omegaconf import open_dict
 
 from benchmarks.reference import ReferenceLoop, synchronize
 from dreg.build import build, build_trainer
+from dreg.files import atomic_write
 from dreg.model import VAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,29 +256,37 @@ def main() -> None:
         )
         evaluation.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    device_name = (
-        torch.cuda.get_device_name()
-        if args.device == "cuda"
-        else platform.processor() or platform.machine()
-    )
     results = {
-        "device": args.device,
-        "device_name": device_name,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "steps": steps,
-        "when": time.strftime("%Y-%m-%d %H:%M"),
+        **measurement_context(args.device, args.repeats, steps),
         "k_values": k_values,
         "training": training,
         "versus_k": versus_k,
         "evaluation": evaluation,
         "raw": {"real_seconds": real, "reference_seconds": ref},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.device}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (RESULTS / f"{args.device}.md").write_text(table)
+    write_results(args.device, results, markdown(results))
+
+
+def measurement_context(device: str, repeats: int, steps: int) -> dict:
+    """What a reader needs to weigh the numbers: the machine, torch, threads, when."""
+    name = torch.cuda.get_device_name() if device == "cuda" else None
+    return {
+        "device": device,
+        "device_name": name or platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "steps": steps,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def write_results(stem: str, results: dict, table: str) -> None:
+    """``benchmarks/results/<stem>.json`` and ``.md``, each written atomically."""
+    with atomic_write(RESULTS / f"{stem}.json") as f:
+        f.write(json.dumps(results, indent=2) + "\n")
+    with atomic_write(RESULTS / f"{stem}.md") as f:
+        f.write(table)
     print(table)
 
 

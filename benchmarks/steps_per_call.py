@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,10 +26,9 @@ import torch
 from omegaconf import open_dict
 
 from benchmarks.plain_loop import PlainLoop
-from benchmarks.run import StepTimer, compose_cfg
-from dreg.run import build, build_trainer
+from benchmarks.run import StepTimer, compose_cfg, measurement_context, write_results
+from dreg.build import build, build_trainer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ESTIMATORS = ["iwae", "dreg_iwae", "dreg_jvi"]
 
 
@@ -138,27 +135,13 @@ def main() -> None:
                 row["real_graph"] = statistics.median(real_graph)
             rows.append(row)
             print(json.dumps({k2: v for k2, v in row.items() if k2 != "raw"}), flush=True)
-    device_name = (
-        torch.cuda.get_device_name() if graph else platform.processor() or platform.machine()
-    )
     results = {
-        "device": args.device,
-        "device_name": device_name,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "steps": steps,
-        "when": time.strftime("%Y-%m-%d %H:%M"),
+        **measurement_context("cuda" if graph else args.device, args.repeats, steps),
         "steps_per_call": ns,
         "graph": graph,
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"steps_per_call_{args.device}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (RESULTS / f"{stem}.md").write_text(table)
-    print(table)
+    write_results(f"steps_per_call_{args.device}", results, markdown(results))
 
 
 if __name__ == "__main__":

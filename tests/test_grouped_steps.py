@@ -28,6 +28,7 @@ from dreg.errors import EXIT_PREEMPTED
 from dreg.model import VAE
 from dreg.run import train
 from tests.conftest import ROOT, TINY_RUN, compose_config, requires_mnist
+from tests.test_reliability import inject_nan_at_call
 
 # 21 steps: one epoch (16) and a bit; validation every 5, log rows every 3, groups of 4.
 CADENCE = ["trainer.max_steps=21", "trainer.val_check_interval=5", "trainer.log_every_n_steps=3"]
@@ -128,21 +129,6 @@ def test_groups_longer_than_every_interval_still_step_and_log_like_single_steps(
     want = run(tmp_path / "single", SINGLE)
     got = run(tmp_path / "grouped", "model.steps_per_call=64")
     assert_same_training(got, want)
-
-
-def inject_nan_at_call(monkeypatch, call: int) -> None:
-    """Make the model's log p(x, z) NaN on its ``call``-th training evaluation."""
-    original, count = VAE.log_joint, {"n": 0}
-
-    def log_joint(self, x, z, context=None):
-        out = original(self, x, z, context)
-        if torch.is_grad_enabled():
-            count["n"] += 1
-            if count["n"] == call:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(VAE, "log_joint", log_joint)
 
 
 @requires_mnist

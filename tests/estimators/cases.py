@@ -82,7 +82,7 @@ def naive_bound(name: str, log_w: Tensor) -> Tensor:
     return naive_iwae_bound(log_w)
 
 
-def _loo_weight_powers(log_w: Tensor, power: int) -> Tensor:
+def loo_weight_powers(log_w: Tensor, power: int) -> Tensor:
     """sum_{k != j} (w_j / sum_{i != k} w_i)^power by explicit loops."""
     k = log_w.shape[0]
     out = torch.zeros_like(log_w)
@@ -100,7 +100,7 @@ def naive_coefficients(name: str, log_w: Tensor) -> tuple[Tensor, Tensor, Tensor
     k = log_w.shape[0]
     w = torch.exp(log_w - torch.logsumexp(log_w, 0))  # w~
     zero = torch.zeros_like(w)
-    jk1 = k * w - (k - 1) / k * _loo_weight_powers(log_w, 1) if k > 1 else None
+    jk1 = k * w - (k - 1) / k * loo_weight_powers(log_w, 1) if k > 1 else None
     table = {
         "vae": lambda: (zero + 1 / k, zero + 1 / k, zero + 1 / k),
         "iwae": lambda: (w, w, w),
@@ -112,7 +112,7 @@ def naive_coefficients(name: str, log_w: Tensor) -> tuple[Tensor, Tensor, Tensor
         "dreg_rws_norm": lambda: (w, (w - w**2) / (w - w**2).sum(0), zero),
         "dreg_alpha": lambda: (w, (1 - ALPHA) * w**2 + ALPHA * (w - w**2), zero),
         "jvi": lambda: (jk1, jk1, jk1),
-        "dreg_jvi": lambda: (jk1, k * w**2 - (k - 1) / k * _loo_weight_powers(log_w, 2), zero),
+        "dreg_jvi": lambda: (jk1, k * w**2 - (k - 1) / k * loo_weight_powers(log_w, 2), zero),
         "dreg_cv": lambda: _naive_cv(log_w, w),
     }
     return table[name]()

@@ -27,7 +27,12 @@ from torch.distributions import (
     Normal,
 )
 
-from tests.estimators.cases import naive_bound, naive_iwae_bound, naive_jackknife_bound
+from tests.estimators.cases import (
+    loo_weight_powers,
+    naive_bound,
+    naive_iwae_bound,
+    naive_jackknife_bound,
+)
 
 DTYPE = torch.float64
 LOG_2PI = math.log(2 * math.pi)
@@ -215,14 +220,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 # -- reference gradients from the estimators' definitions ------------------------------------
 def loo_weight_squares(log_w: Tensor) -> Tensor:
     """``[K, B]``: entry j is sum_{k != j} (w_j / sum_{i != k} w_i)^2, by explicit loops."""
-    k = log_w.shape[0]
-    out = torch.zeros_like(log_w)
-    for j in range(k):
-        for left_out in range(k):
-            if left_out != j:
-                others = torch.cat([log_w[:left_out], log_w[left_out + 1 :]])
-                out[j] += torch.exp(2 * (log_w[j] - torch.logsumexp(others, 0)))
-    return out
+    return loo_weight_powers(log_w, 2)
 
 
 def inference_surrogate(
