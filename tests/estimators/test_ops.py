@@ -9,7 +9,7 @@ import torch
 
 from dreg.estimators.jackknife import jackknife_bound, jackknife_weights
 from dreg.estimators.ops import leave_one_out_logsumexp, log_one_minus_normalized, safe_softmax
-from tests.estimators.cases import _loo_weight_powers, naive_jackknife_bound
+from tests.estimators.cases import loo_weight_powers, naive_jackknife_bound
 
 INF = math.inf
 
@@ -60,7 +60,7 @@ def test_jackknife_weights_match_loops(case, power):
     log_w = CASES[case]
     k = log_w.shape[0]
     norm_w = torch.softmax(log_w, 0)
-    expected = k * norm_w**power - (k - 1) / k * _loo_weight_powers(log_w, power)
+    expected = k * norm_w**power - (k - 1) / k * loo_weight_powers(log_w, power)
     assert torch.allclose(jackknife_weights(log_w, power), expected, atol=1e-10)
 
 
