@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import NO_PROGRESS_BAR, ROOT, TINY_RUN, requires_mnist
+from tests.conftest import NO_PROGRESS_BAR, TINY_RUN, cli, requires_mnist
 
 pytestmark = [requires_mnist, pytest.mark.slow]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "train.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
+    """The real command line, which must succeed."""
+    result = cli(*args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

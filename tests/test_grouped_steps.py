@@ -13,9 +13,6 @@ import csv
 import json
 import logging
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ from dreg.datamodules.batches import GroupedBatches, ShuffledBatches
 from dreg.errors import EXIT_PREEMPTED
 from dreg.model import VAE
 from dreg.run import train
-from tests.conftest import ROOT, TINY_RUN, compose_config, requires_mnist
+from tests.conftest import TINY_RUN, cli, compose_config, requires_mnist, start_cli, wait_for
 from tests.test_reliability import inject_nan_at_call
 
 # 21 steps: one epoch (16) and a bit; validation every 5, log rows every 3, groups of 4.
@@ -206,17 +203,6 @@ def test_steps_per_call_must_be_a_positive_integer(tiny_cfg):
 RESUME_RUN = [*TINY_RUN, "trainer.max_steps=40", "trainer.val_check_interval=10"]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 @requires_mnist
 @pytest.mark.slow
 def test_preempted_grouped_run_resumes_bitwise_identical_to_single_steps(tmp_path):
@@ -225,17 +211,8 @@ def test_preempted_grouped_run_resumes_bitwise_identical_to_single_steps(tmp_pat
 
     run_dir = tmp_path / "interrupted"
     grouped = [*RESUME_RUN, "model.steps_per_call=3", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *grouped],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    first = run_dir / "checkpoints" / "best-step10.ckpt"
-    deadline = time.monotonic() + 240
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    proc = start_cli(*grouped)
+    wait_for(run_dir / "checkpoints" / "best-step10.ckpt", proc)
     proc.send_signal(signal.SIGTERM)  # mid-epoch, between step 10 and 40
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]

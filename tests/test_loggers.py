@@ -4,7 +4,6 @@ and equals an uninterrupted run's, TensorBoard shows the same points, W&B keeps 
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -16,20 +15,14 @@ import pytest
 from dreg.checkpointing import load_checkpoint
 from dreg.loggers import MetricsCSV, logged_before, wandb_run_id
 from tests.conftest import ROOT, TINY_RUN, requires_mnist
+from tests.conftest import cli as run_train
 
 CLI = [sys.executable, "train.py"]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [*CLI, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,  # a prompt would fail the run instead of hanging
-        env={**os.environ, **(env or {})},
-    )
+    """The real command line, which must succeed."""
+    result = run_train(*args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,42 +20,12 @@ import torch
 
 from dreg.checkpointing import load_checkpoint
 from dreg.errors import EXIT_PREEMPTED
-from tests.conftest import ROOT, TINY_RUN, requires_mnist
+from tests.conftest import ROOT, TINY_RUN, cli, requires_mnist, start_cli, wait_for
 
 pytestmark = [requires_mnist, pytest.mark.slow]
 
 SMALL = ["model.net.hidden_dims=[16]", "model.net.latent_dim=4", "model.num_samples=4"]
 RUN = [*TINY_RUN, *SMALL]
-
-
-def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert path.exists(), f"{path} never appeared"
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -88,7 +57,7 @@ def test_rerun_into_a_used_folder_is_refused_and_changes_nothing(tmp_path):
 
 def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    first = start(*RUN, "trainer.max_steps=100000", "trainer.val_check_interval=100000",
+    first = start_cli(*RUN, "trainer.max_steps=100000", "trainer.val_check_interval=100000",
                   f"hydra.run.dir={run_dir}")  # fmt: skip
     try:
         wait_for(run_dir / "csv" / "metrics.csv", first)
@@ -107,7 +76,7 @@ def test_preempted_run_records_one_step_and_resume_accumulates_time(tmp_path):
     args = [*RUN, "trainer.max_steps=60", "trainer.val_check_interval=10", "logger=csv",
             "callbacks=estimator_compare", "callbacks.estimator_compare.log_every_n_steps=1",
             "callbacks.estimator_compare.estimators=[iwae,dreg_iwae]"]  # fmt: skip
-    proc = start(*args, f"hydra.run.dir={run_dir}")
+    proc = start_cli(*args, f"hydra.run.dir={run_dir}")
     wait_for(run_dir / "checkpoints" / "best-step10.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=240)
@@ -191,7 +160,7 @@ def test_swept_step_budgets_get_their_own_folders(tmp_path):
 def test_a_sweep_rerun_with_resume_keeps_finished_jobs_and_finishes_the_rest(tmp_path):
     args = ["-m", *SWEEP, "trainer.max_steps=30", "seed=0,1,2", f"hydra.sweep.dir={tmp_path}"]
     job = {s: f"debug=fast,model.num_samples=4,seed={s},trainer.max_steps=30" for s in range(3)}
-    sweep = start(*args)
+    sweep = start_cli(*args)
     wait_for(tmp_path / job[1] / "checkpoints" / "best-step10.ckpt", sweep)
     sweep.send_signal(signal.SIGTERM)  # job seed=1 is preempted; seed=2 never starts
     _, stderr = sweep.communicate(timeout=240)

@@ -6,9 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,21 +16,15 @@ from dreg.config import ConfigError, validate
 from dreg.errors import EXIT_PREEMPTED
 from dreg.model import VAE
 from dreg.run import train
-from tests.conftest import NO_PROGRESS_BAR, ROOT, TINY_RUN, compose_config, requires_mnist
-
-CLI = [sys.executable, "train.py"]
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
+from tests.conftest import (
+    NO_PROGRESS_BAR,
+    TINY_RUN,
+    cli,
+    compose_config,
+    requires_mnist,
+    start_cli,
+    wait_for,
+)
 
 # -- preemption and exact resume ------------------------------------------------------------
 RESUME_RUN = [
@@ -63,17 +54,8 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig):
     assert cli(*RESUME_RUN, f"hydra.run.dir={reference}").returncode == 0
 
     run_dir = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        [*CLI, *RESUME_RUN, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    first = run_dir / "checkpoints" / "best-step10.ckpt"
-    deadline = time.monotonic() + 240
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    proc = start_cli(*RESUME_RUN, f"hydra.run.dir={run_dir}")
+    wait_for(run_dir / "checkpoints" / "best-step10.ckpt", proc)
     proc.send_signal(sig)  # mid-epoch, between step 10 and 40
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]  # never 0: `&& next` stops

@@ -92,20 +92,7 @@ def read_lake(path: Path) -> dict[str, np.ndarray]:
     :raises DataError: naming the file when it is unreadable or not the expected layout.
     """
     fix = f"rebuild it from {LAKE_URL} (see docs/datasets.md) or {DATA_DIR_HINT}"
-    try:
-        # Our own handle: np.load(path) leaks it when a file starts like a zip but is not one.
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
-            missing = [k for k in LAKE_KEYS if k not in archive.files]
-            if missing:
-                raise DataError(
-                    f"{path}: not the Omniglot Lake npz (keys {missing} missing, found "
-                    f"{archive.files}); {fix}"
-                )
-            arrays = {k: archive[k] for k in LAKE_KEYS}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(
-            f"{path}: not a readable npz file, corrupt or truncated ({err}); {fix}"
-        ) from err
+    arrays = read_npz(path, LAKE_KEYS, "the Omniglot Lake npz", "npz file", fix)
     images = arrays["images"]
     if images.ndim != 3 or images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE):
         raise DataError(f"{path}: images have shape {images.shape}, expected [N, 105, 105]; {fix}")
@@ -171,18 +158,9 @@ def read_prepared(path: Path, fix: str) -> Prepared:
     unreadable = f"{path}: not a readable prepared Omniglot file, corrupt or truncated"
     if not zipfile.is_zipfile(path):  # else numpy's error blames pickled data
         raise DataError(f"{unreadable} (not an npz archive); {fix}")
-    try:
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
-            missing = [k for k in PREPARED_KEYS if k not in archive.files]
-            if missing:
-                raise DataError(
-                    f"{path}: not a prepared Omniglot file (keys {missing} missing, found "
-                    f"{archive.files}); {fix}"
-                )
-            # Reading every member in full also checks each one's zip CRC.
-            arrays = {k: archive[k] for k in PREPARED_KEYS}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise DataError(f"{unreadable} ({err}); {fix}") from err
+    arrays = read_npz(
+        path, PREPARED_KEYS, "a prepared Omniglot file", "prepared Omniglot file", fix
+    )
     for split in ("train", "test"):
         counts = arrays[split]
         if counts.dtype != np.uint16 or counts.ndim != 2 or counts.shape[1] != TARGET_SIZE**2:
@@ -277,3 +255,22 @@ def load_prepared(path: Path, data_dir: Path, verify: bool = True) -> tuple[np.n
             f"dataset.verify=false to use it anyway"
         )
     return prepared.grey_levels()
+
+
+def read_npz(path: Path, keys: tuple[str, ...], what: str, kind: str, fix: str) -> dict:
+    """The arrays ``keys`` of the npz at ``path``, each read in full (which also checks every
+    member's zip CRC). One :class:`DataError` line for a file that is not ``what`` (a key
+    missing) or not a readable ``kind`` (corrupt or truncated)."""
+    try:
+        # Our own handle: np.load(path) leaks it when a file starts like a zip but is not one.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
+            missing = [k for k in keys if k not in archive.files]
+            if missing:
+                raise DataError(
+                    f"{path}: not {what} (keys {missing} missing, found {archive.files}); {fix}"
+                )
+            return {k: archive[k] for k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(
+            f"{path}: not a readable {kind}, corrupt or truncated ({err}); {fix}"
+        ) from err
