@@ -20,16 +20,22 @@ class ReferenceLoop:
     """A minimal training loop over ``train`` ``[N, D]`` grey levels in [0, 1]."""
 
     def __init__(
-        self, net: VAE, estimator: Estimator, train: Tensor, batch_size: int = 32, lr: float = 3e-4
+        self,
+        net: VAE,
+        estimator: Estimator,
+        train: Tensor,
+        num_samples: int,
+        batch_size: int = 32,
+        lr: float = 3e-4,
     ) -> None:
         self.net, self.estimator, self.train = net, estimator, train
-        self.batch_size = batch_size
+        self.num_samples, self.batch_size = num_samples, batch_size
         self.optimizer = torch.optim.Adam(net.parameters(), lr=lr)
 
     def step(self) -> Tensor:
         index = torch.randint(0, self.train.shape[0], (self.batch_size,), device=self.train.device)
         x = torch.bernoulli(self.train[index])  # [B, D], dynamic binarization
-        particles = self.net.particles(x, self.estimator.num_samples)
+        particles = self.net.particles(x, self.num_samples)  # K
         loss = routed_loss(particles, self.estimator(particles.log_w))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

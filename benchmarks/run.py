@@ -90,7 +90,7 @@ def reference_seconds(estimator: str, k: int, device: str, steps: int, warmup: i
         datamodule, module = build(cfg)
     dev = torch.device(device)
     loop = ReferenceLoop(
-        module.net.to(dev), module.estimator.to(dev), datamodule.splits["train"].to(dev)
+        module.net.to(dev), module.estimator.to(dev), datamodule.splits["train"].to(dev), k
     )
     return loop.seconds_per_step(steps, warmup)
 
