@@ -25,6 +25,7 @@ import pathlib
 import pickle
 import random
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,9 @@ class PreemptionCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registered its SIGTERM handler before training; Ctrl-C takes the same path.
-        self._previous_sigint = signal.signal(signal.SIGINT, signal.getsignal(signal.SIGTERM))
+        # Only the main thread owns signals: a job of a pack (dreg.pack) gets them from its pack.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, signal.getsignal(signal.SIGTERM))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._previous_sigint is not None:

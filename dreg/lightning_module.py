@@ -32,6 +32,7 @@ from dreg.grouped_step import (
     group_boundaries,
 )
 from dreg.model import VAE
+from dreg.pack import StepRequest, current_pack, joint_step
 from dreg.seeds import derived_seed
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,7 @@ class DReGModule(pl.LightningModule):
             batch = group.binarized(i)
             # The order of Lightning's automatic loop: zero_grad, forward, backward, check, step.
             optimizer.zero_grad()
-            particles, weights = self.estimate(batch)
-            loss = routed_loss(particles, weights, train_model=self.train_model)
-            self.manual_backward(loss)
+            particles, weights, loss = self._forward_backward(batch)
             bad = self._nonfinite_terms(loss)
             if bad:
                 self._nonfinite(bad, group.first_batch + i)
@@ -178,6 +177,17 @@ class DReGModule(pl.LightningModule):
         if last is not None:
             self._log_group_end(*last, skipped=self.skipped_steps != skipped_before)
         return None
+
+    def _forward_backward(self, batch: Batch) -> tuple[Particles, GradientWeights, Tensor]:
+        """This step's forward and backward: alone, or jointly with the other jobs of its pack
+        (:mod:`dreg.pack`; a normal run is a pack of one)."""
+        request = StepRequest(self, batch)
+        pack = current_pack()
+        if pack is None:
+            joint_step([request])
+        else:
+            pack.step(request)
+        return request.particles, request.weights, request.loss
 
     def _train_group_captured(self, group: BatchGroup) -> None:
         captured = self._captured
@@ -280,6 +290,9 @@ class DReGModule(pl.LightningModule):
     # -- what checkpoints carry besides the weights ----------------------------------------
     def on_train_start(self) -> None:
         self._segment = [time.perf_counter(), None]
+        pack = current_pack()
+        if pack is not None:
+            pack.attach(self.trainer)
         carry_step_count(self.trainer, manual=not self.automatic_optimization)
         if self._grouped:
             trainer = self.trainer

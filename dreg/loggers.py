@@ -288,4 +288,7 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs) -> WandbLogger:
         mode = "online" if wandb_has_credentials() else "offline"
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("id", wandb_run_id(save_dir))
+    # create_new: the jobs of a pack (dreg.pack) each keep a W&B run of their own in one
+    # process; otherwise Lightning would attach every job to the first one's run.
+    kwargs.setdefault("reinit", "create_new")
     return WandbLogger(save_dir=save_dir, offline=mode == "offline", resume="allow", **kwargs)

@@ -1,0 +1,1 @@
+"""dreg's Hydra launcher plugin: ``hydra/launcher=packed`` (:mod:`dreg.packed_launcher`)."""
