@@ -206,6 +206,12 @@ def stacked_particles(
     ]
 
 
+def _ask_to_stop(trainer: Any) -> None:
+    """What Lightning's own SIGTERM handler does (it is registered in the main thread only):
+    the trainer stops at its next step boundary and raises ``SIGTERMException``."""
+    trainer._signal_connector.received_sigterm = True
+
+
 # -- the scheduler -------------------------------------------------------------------------------
 @dataclass
 class _Member:
@@ -289,13 +295,13 @@ class Pack:
         self._stopping = True
         for member in self._members:
             if member.trainer is not None:
-                member.trainer.received_sigterm = True
+                _ask_to_stop(member.trainer)
 
     def attach(self, trainer: Any) -> None:
         """The calling job trains with ``trainer`` (stop signals reach it through the pack)."""
         _local.member.trainer = trainer
         if self._stopping:
-            trainer.received_sigterm = True
+            _ask_to_stop(trainer)
 
     # -- the barrier ---------------------------------------------------------------------------
     def step(self, request: StepRequest) -> None:
