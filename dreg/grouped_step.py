@@ -29,8 +29,10 @@ from pytorch_lightning.callbacks import Callback
 
 from dreg.datamodules.binarized import BinarizedDataModule
 
-#: Callbacks that look at every step's batch or gradient through per-call hooks.
-PER_STEP_CALLBACKS = ("GradientStatistics", "EstimatorComparison")
+#: Callbacks that replay every step's batch through per-call hooks. (GradientStatistics reads
+#: p.grad in ``on_before_optimizer_step``, which Lightning calls at every ``optimizer.step()``,
+#: also under manual optimization, so it sees every step of a group.)
+PER_STEP_CALLBACKS = ("EstimatorComparison",)
 
 
 def fallback_reason(trainer: pl.Trainer) -> str | None:

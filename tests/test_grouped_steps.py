@@ -176,11 +176,23 @@ def test_a_run_extended_with_another_steps_per_call_continues_exactly(tmp_path, 
 
 @requires_mnist
 @pytest.mark.slow  # real training runs compared step by step
-def test_per_step_callbacks_fall_back_to_one_step_per_call_and_say_why(tmp_path, caplog):
+def test_gradient_statistics_see_every_step_of_a_group(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dreg.lightning_module"):
         got = run(tmp_path / "grouped", "callbacks=grad_stats", "model.steps_per_call=4")
-    assert "one eager step per call instead (callback GradientStatistics" in caplog.text
+    assert "one eager step per call instead" not in caplog.text
     want = run(tmp_path / "single", "callbacks=grad_stats", SINGLE)
+    assert any("grad/inference/snr" in row for row in want["rows"])
+    assert_same_training(got, want)  # every row, the gradient statistics included
+
+
+@requires_mnist
+@pytest.mark.slow  # real training runs compared step by step
+def test_a_step_replaying_callback_falls_back_to_one_step_per_call_and_says_why(tmp_path, caplog):
+    compare = ["callbacks=estimator_compare"]
+    with caplog.at_level(logging.INFO, logger="dreg.lightning_module"):
+        got = run(tmp_path / "grouped", *compare, "model.steps_per_call=4")
+    assert "one eager step per call instead (callback EstimatorComparison" in caplog.text
+    want = run(tmp_path / "single", *compare, SINGLE)
     assert_same_training(got, want)
 
 

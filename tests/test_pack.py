@@ -168,7 +168,8 @@ def summary(sweep: Path) -> dict[str, dict]:
 @pytest.mark.slow
 def test_a_pack_of_three_and_packs_of_one_record_what_the_jobs_record_alone(tmp_path):
     alone, pack, ones = tmp_path / "alone", tmp_path / "pack", tmp_path / "ones"
-    for sweep, extra in [(alone, []), (pack, [PACKED]), (ones, [PACKED, "hydra.launcher.max_pack_size=1"])]:  # fmt: skip
+    one_each = [PACKED, "hydra.launcher.max_pack_size=1"]
+    for sweep, extra in [(alone, []), (pack, [PACKED]), (ones, one_each)]:
         result = cli("-m", *SWEEP, *SHORT, ESTIMATORS, *extra, f"hydra.sweep.dir={sweep}")
         assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1", "2"):
