@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import signal
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from dreg.lightning_module import DReGModule
 from dreg.model import VAE
 from dreg.pack import Pack, StepRequest, _Member, joint_step, stackable
 from dreg.packed_launcher import plan_packs
-from tests.conftest import cli, requires_mnist, start_cli, wait_for
+from tests.conftest import ROOT, cli, requires_mnist, start_cli, wait_for
 
 K, B, DX = 6, 5, 12
 
@@ -180,10 +182,43 @@ def test_a_pack_of_three_and_packs_of_one_record_what_the_jobs_record_alone(tmp_
                 alone / job / "csv" / "metrics.csv"
             ).read_text()
             assert (sweep / job / ".hydra" / "config.yaml").exists()
-            assert "Seed set to 0" in (sweep / job / "train.log").read_text()
+            # Each job's train.log holds its own lines only: one fit, one test.
+            log = (sweep / job / "train.log").read_text()
+            assert log.count("Seed set to 0") == log.count("Restoring states") == 1
     assert [r["status"] for r in summary(pack).values()] == ["completed"] * 3
-    # Each job's train.log holds its own lines only.
-    assert (pack / "1" / "train.log").read_text().count("Restoring states") == 1
+    # dreg.report reads a packed sweep as any other.
+    report = subprocess.run([sys.executable, "-m", "dreg.report", str(pack)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "dreg_cv" in (pack / "results.md").read_text()
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_a_packed_jobs_checkpoint_serves_every_mode_and_loggers_stay_apart(tmp_path):
+    sweep = tmp_path / "pack"
+    result = cli("-m", *SWEEP, *SHORT, "seed=0,1", "logger=wandb", PACKED,
+                 f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = [(sweep / job / "wandb" / "run_id").read_text().strip() for job in ("0", "1")]
+    assert ids[0] != ids[1]  # a W&B run of its own each, not the first job's
+    for job, run_id in zip(("0", "1"), ids, strict=True):
+        assert list((sweep / job / "wandb").glob(f"offline-run-*-{run_id}"))
+    ckpt = sweep / "0" / "checkpoints" / "last.ckpt"
+    uses = {
+        "diagnose": ["mode=diagnose", "mode.num_samples=[2]", "mode.num_draws=2",
+                     "mode.batch_size=4"],
+        "bias_check": ["mode=bias_check", "estimator=dreg_iwae", "mode.num_batches=8",
+                       "mode.batch_size=4"],
+        "inference_only": ["train_model=false", "trainer.max_steps=2"],
+        "resume_from": ["trainer.max_steps=8"],
+    }  # fmt: skip
+    for name, args in uses.items():
+        run = tmp_path / name
+        used = cli("debug=fast", "model.num_samples=4", *args, f"ckpt_path={ckpt}",
+                   f"hydra.run.dir={run}")  # fmt: skip
+        assert used.returncode == 0, (name, used.stderr[-3000:])
+        assert json.loads((run / "status.json").read_text())["status"] == "completed", name
 
 
 @requires_mnist

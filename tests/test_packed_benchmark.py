@@ -40,7 +40,7 @@ def test_the_packed_loop_gradients_equal_dregs():
     loop = float64_loop(1, grey_levels(64))
     x, eps = loop.batch()
     net = VAE(784, train_mean=loop.train_mean[0].float()).double()
-    layers = [l for l in (*net.encoder.net, *net.decoder) if isinstance(l, torch.nn.Linear)]
+    layers = [mod for mod in (*net.encoder.net, *net.decoder) if isinstance(mod, torch.nn.Linear)]
     with torch.no_grad():
         for layer, (weight, bias) in zip(layers, loop.encoder + loop.decoder, strict=True):
             layer.weight.copy_(weight[0].T)
