@@ -332,4 +332,3 @@ class Pack:
             member.request.done, member.request = True, None
         self.steps += 1
         self._cond.notify_all()
-

@@ -110,6 +110,20 @@ def test_eval_binarization_is_fixed_and_seeded(mnist: MNISTDataModule) -> None:
     assert abs(mnist.splits["test"].mean() - grey.mean()) < 4 * se
 
 
+def test_datamodules_with_the_same_settings_share_one_copy_of_the_data() -> None:
+    """The jobs of a pack (dreg.pack) hold one copy of the images, not one each."""
+    first = MNISTDataModule(mnist_dir(), download=False, train_subset=1000)
+    first.setup()
+    same = MNISTDataModule(mnist_dir(), download=False, train_subset=1000)
+    same.setup()
+    other = MNISTDataModule(mnist_dir(), download=False, train_subset=2000)
+    other.setup()
+    for split in ("train", "val", "test"):
+        assert same.splits[split].data_ptr() == first.splits[split].data_ptr()
+    assert other.splits["train"].data_ptr() != first.splits["train"].data_ptr()
+    assert torch.equal(other.splits["train"][:1000], first.splits["train"])
+
+
 def test_mnist_loaders_batch_shapes(mnist: MNISTDataModule) -> None:
     batch = next(iter(mnist.train_dataloader()))
     assert batch.shape == (32, 784)

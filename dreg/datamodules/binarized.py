@@ -17,6 +17,7 @@ context (struct-MNIST) override :meth:`split_context`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,16 @@ from torch.utils.data import DataLoader, Dataset
 from dreg.datamodules.batches import GroupedBatches, ShuffledBatches
 
 EVAL_STREAMS = {"val": 1, "test": 2}  # separate random streams of the fixed binarization
+
+
+class _Splits(dict):
+    """Splits by name (a dict that can be weakly referenced)."""
+
+
+# Loaded splits, shared by the datamodules of one process that have the same settings (the
+# jobs of a pack, dreg.pack): the grey levels are never written to (binarization makes new
+# tensors), so one copy per device serves every job. Freed with the last datamodule holding it.
+_SHARED_SPLITS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -156,11 +167,31 @@ class BinarizedDataModule(pl.LightningDataModule):
         if self.trainer is not None and self.data_on_device:
             # Whole splits on the training device: a batch is then one on-device index op.
             device = self.trainer.strategy.root_device
-            self.splits = {name: data.to(device) for name, data in self.splits.items()}
+            key = (self._settings(), str(device))
+            on_device = _SHARED_SPLITS.get(key)
+            if on_device is None:
+                on_device = _Splits({name: d.to(device) for name, d in self.splits.items()})
+                _SHARED_SPLITS[key] = on_device
+            self._held, self.splits = on_device, dict(on_device)
+
+    def _settings(self) -> tuple:
+        """Everything that can change what is loaded: the class and its plain settings."""
+        plain = (bool, int, float, str, Path, type(None))
+        return (type(self).__qualname__,) + tuple(
+            sorted((k, str(v)) for k, v in vars(self).items() if isinstance(v, plain))
+        )
 
     def _load(self) -> None:
+        key = self._settings()
+        shared = _SHARED_SPLITS.get(key)
+        if shared is None:
+            shared = _SHARED_SPLITS[key] = _Splits(self._read_splits())
+        self._held, self.splits = shared, dict(shared)  # _held keeps the shared copy alive
+
+    def _read_splits(self) -> dict[str, Tensor]:
         splits = self.load_splits()
         limits = {"train": self.train_subset, "val": self.eval_subset, "test": self.eval_subset}
+        loaded = {}
         for name, data in splits.items():
             if name != "train":
                 # Fixed, seeded bits for comparable evaluations: one stream per split, drawn
@@ -171,7 +202,8 @@ class BinarizedDataModule(pl.LightningDataModule):
                 data = torch.bernoulli(data, generator=generator)
             if limits[name] is not None:
                 data = data[: limits[name]]
-            self.splits[name] = data.contiguous()
+            loaded[name] = data.contiguous()
+        return loaded
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
