@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,7 +95,11 @@ def check_options(max_pack_size: Any, batched: Any) -> None:
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
     """The launcher's ``launch``: returns one ``JobReturn`` per job, in sweep order."""
-    check_options(launcher.max_pack_size, launcher.batched)
+    try:
+        check_options(launcher.max_pack_size, launcher.batched)
+    except ConfigError as err:  # before any job: one line and the config error's exit code
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     setup_globals()
     config, context = launcher.config, launcher.hydra_context
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)

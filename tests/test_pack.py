@@ -221,6 +221,16 @@ def test_a_packed_jobs_checkpoint_serves_every_mode_and_loggers_stay_apart(tmp_p
         assert json.loads((run / "status.json").read_text())["status"] == "completed", name
 
 
+def test_a_bad_launcher_option_is_one_line_before_any_job(tmp_path):
+    result = cli("-m", *SWEEP, PACKED, "hydra.launcher.max_pack_size=0",
+                 f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: hydra.launcher.max_pack_size=0: must be an integer >= 1"
+    ]
+    assert not list(tmp_path.glob("*/.hydra"))
+
+
 @requires_mnist
 @pytest.mark.slow
 def test_a_job_that_diverges_fails_alone_and_the_others_finish_as_alone(tmp_path):
