@@ -16,24 +16,26 @@ Why the jobs cannot change each other's numbers:
   its binarization, latent noise and evaluation noise from its own stream, exactly as it would
   alone, and saves and restores that stream in its checkpoints as a solo run does. The joint
   step draws replica m's noise with m's state in place, in the order its solo step draws it.
-* **Separate parameters and optimizers.** The replicas' losses are summed for the one backward;
-  d(sum)/d(loss_m) = 1, so replica m's gradient is its own, a NaN in one replica reaches no
-  other, and ``model.nonfinite`` acts on each job alone (raise: that job fails and leaves the
-  pack; skip: only its update is dropped).
+* **Separate parameters and optimizers.** Replica m's gradient comes from its own loss alone
+  (batched: the losses are summed for one backward, and d(sum)/d(loss_m) = 1), so a NaN in
+  one replica reaches no other, and ``model.nonfinite`` acts on each job alone (raise: that
+  job fails and leaves the pack; skip: only its update is dropped).
 
 How a step is computed (:func:`joint_step`):
 
-* ``batched=False``: one replica's kernels after another (the same operations as a solo
-  step, so a job's numbers in a pack are **bitwise** those of the job run alone). The
-  default on CPU, where a step is bound by the decoder's matrix products and batching gains
-  nothing.
+* ``batched=False``: one replica's solo step after another (the same operations, so a job's
+  numbers in a pack are **bitwise** those of the job run alone). The default on CPU, where a
+  step is bound by the decoder's matrix products and batching gains nothing.
 * ``batched=True``: the replicas' weights stacked ``[M, ...]`` and every layer one batched
   matrix product (:func:`stacked_particles`), so a kernel does M replicas' work: the point of
   packing on a GPU. Equal to the solo step to float round-off (batched and single matrix
   products sum in different orders), tested in float64.
 
 A normal run is a pack of one: :class:`~dreg.lightning_module.DReGModule` computes every
-grouped training step through :func:`joint_step`, alone or in a pack.
+grouped training step (``model.steps_per_call``, default 4) through :func:`joint_step`, alone
+or in a pack. A job that trains one step per call (DDP, ``estimator_compare``, epoch-fraction
+validation) never reaches the barrier: in a pack it trains through, holding its turn, and
+the others go on when it ends.
 """
 
 from __future__ import annotations
@@ -98,34 +100,33 @@ class StepRequest:
 
 
 def joint_step(requests: Sequence[StepRequest], batched: bool = False) -> None:
-    """Forward every replica, then one backward: each replica's parameters get their gradient.
+    """Forward and backward of every replica: each one's parameters get its own gradient.
 
-    Fills ``particles``, ``weights`` and ``loss`` of each request. ``batched`` computes the
-    model passes with stacked weights when the replicas allow it (:func:`stackable`).
+    Fills ``particles``, ``weights`` and ``loss`` of each request. Unbatched, it is a solo
+    step per replica, one after another (the same operations, so bitwise a run alone, and one
+    replica's activations in memory at a time). ``batched`` computes the model passes of all
+    replicas with stacked weights (when :func:`stackable`) and takes one backward for the sum
+    of their losses: d(sum)/d(loss_m) = 1, so each replica still gets its own gradient.
     """
-    if batched and len(requests) > 1 and stackable([r.module.net for r in requests]):
-        every = stacked_particles(
-            [r.module.net for r in requests],
-            [r.batch.x for r in requests],
-            requests[0].module.num_samples,
-            [_noise_in_own_stream(r) for r in requests],
-        )
-        for request, particles in zip(requests, every, strict=True):
-            request.particles = particles
-            request.weights = request.module.estimator(particles.log_w)
-    else:
+    if not (batched and len(requests) > 1 and stackable([r.module.net for r in requests])):
         for request in requests:
             with request.own_rng():
                 request.particles, request.weights = request.module.estimate(request.batch)
-    for request in requests:
-        request.loss = routed_loss(
-            request.particles, request.weights, train_model=request.module.train_model
-        )
-    if len(requests) == 1:
-        requests[0].module.manual_backward(requests[0].loss)  # Lightning's hooks, as ever
-    else:
-        # One backward for the sum: d(sum)/d(loss_m) = 1, so each replica gets its own gradient.
-        torch.autograd.backward([r.loss for r in requests])
+            module = request.module
+            request.loss = routed_loss(request.particles, request.weights, module.train_model)
+            module.manual_backward(request.loss)  # Lightning's backward, as in a run alone
+        return
+    every = stacked_particles(
+        [r.module.net for r in requests],
+        [r.batch.x for r in requests],
+        requests[0].module.num_samples,
+        [_noise_in_own_stream(r) for r in requests],
+    )
+    for request, particles in zip(requests, every, strict=True):
+        request.particles = particles
+        request.weights = request.module.estimator(particles.log_w)
+        request.loss = routed_loss(particles, request.weights, request.module.train_model)
+    torch.autograd.backward([r.loss for r in requests])
 
 
 def _noise_in_own_stream(request: StepRequest) -> Callable[..., Tensor]:
