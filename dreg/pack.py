@@ -246,6 +246,11 @@ class Pack:
         self._stopping = False
         self.steps = 0  # joint steps taken (for the log)
 
+    @property
+    def size(self) -> int:
+        """Jobs in the pack."""
+        return len(self._members)
+
     # -- running jobs -------------------------------------------------------------------------
     def run(self, jobs: Sequence[tuple[str, Callable[[], Any]]]) -> list[Any]:
         """Run ``(name, job)`` pairs to their end; returns each job's result or exception.

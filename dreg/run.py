@@ -31,6 +31,7 @@ from dreg.errors import (
 )
 from dreg.files import write_json
 from dreg.loggers import continue_loggers
+from dreg.pack import current_pack
 from dreg.records import RunFolder, check_resume_compatible, experiment_config, is_main_process
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **train_metrics,
         **{k: float(v) for k, v in test_results.items() if k != "step"},
         "global_step": trainer.global_step,
+        # In a pack, the wall time of the pack's training, which its jobs share (pack_size).
         "train_seconds": train_seconds,
+        "pack_size": pack.size if (pack := current_pack()) is not None else 1,
         "git_commit": commit,
         "tested_checkpoint": relative(best, output_dir) if best else "final weights",
     }

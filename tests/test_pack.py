@@ -188,6 +188,8 @@ def test_a_pack_of_three_and_packs_of_one_record_what_the_jobs_record_alone(tmp_
             log = (sweep / job / "train.log").read_text()
             assert log.count("Seed set to 0") == log.count("Restoring states") == 1
     assert [r["status"] for r in summary(pack).values()] == ["completed"] * 3
+    sizes = [json.loads((s / "0" / "metrics.json").read_text())["pack_size"] for s in (pack, ones)]
+    assert sizes == [3, 1]
     # dreg.report reads a packed sweep as any other.
     report = subprocess.run([sys.executable, "-m", "dreg.report", str(pack)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
