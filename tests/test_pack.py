@@ -254,6 +254,16 @@ def test_a_job_that_diverges_fails_alone_and_the_others_finish_as_alone(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert results(tmp_path / "pack" / "0") == results(tmp_path / "alone")
 
+    # model.nonfinite=skip: the diverging job drops its own updates only.
+    skip = tmp_path / "skip"
+    result = cli("-m", *args, "model.nonfinite=skip", PACKED, f"hydra.sweep.dir={skip}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (skip / "1" / "csv" / "metrics.csv").open() as f:
+        skipped = [float(r["train/skipped_steps"]) for r in csv.DictReader(f)
+                   if r.get("train/skipped_steps")]  # fmt: skip
+    assert skipped and skipped[-1] >= 1
+    assert results(skip / "0") == results(tmp_path / "alone")
+
 
 @requires_mnist
 @pytest.mark.slow
