@@ -122,9 +122,7 @@ class PackedLoop:
             weight = (torch.rand(self.m, fan_in, fan_out, generator=init) * 2 - 1) * bound
             bias = (torch.rand(self.m, fan_out, generator=init) * 2 - 1) * bound
             layers.append(
-                tuple(
-                    t.to(self.device, self.dtype).requires_grad_() for t in (weight, bias)
-                )
+                tuple(t.to(self.device, self.dtype).requires_grad_() for t in (weight, bias))
             )
         return layers
 
@@ -169,9 +167,9 @@ class PackedLoop:
         scale = F.softplus(raw + SCALE_OFFSET)  # [M, B, latent]
         z = mean.unsqueeze(1) + scale.unsqueeze(1) * eps  # [M, K, B, latent]
         mean_sg, scale_sg = mean.detach().unsqueeze(1), scale.detach().unsqueeze(1)
-        log_q_sg = (
-            -0.5 * ((z - mean_sg) / scale_sg) ** 2 - scale_sg.log() - 0.5 * LOG_2PI
-        ).sum(-1)  # [M, K, B]: only z carries a gradient
+        log_q_sg = (-0.5 * ((z - mean_sg) / scale_sg) ** 2 - scale_sg.log() - 0.5 * LOG_2PI).sum(
+            -1
+        )  # [M, K, B]: only z carries a gradient
         box: dict = {}
         z_p = _ScaleBackward.apply(z, box)
         logits = self.mlp(self.decoder, z_p.reshape(m, k * b, -1)).reshape(m, k, b, dim)
@@ -197,16 +195,21 @@ class PackedLoop:
         self.optimizer.step()
         return bound
 
-    def seconds(self, steps: int, warmup: int = 3) -> float:
-        """Wall time of ``steps`` steps after ``warmup`` (synchronized on CUDA)."""
+    def timed(self, steps: int, warmup: int = 3) -> tuple[float, float]:
+        """``(wall, cpu)`` seconds of ``steps`` steps after ``warmup`` (synchronized on CUDA;
+        cpu: this process's CPU time, which other load on the machine hardly changes)."""
         for _ in range(warmup):
             self.step()
         synchronize(self.device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.step()
         synchronize(self.device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    def seconds(self, steps: int, warmup: int = 3) -> float:
+        """Wall time of ``steps`` steps after ``warmup`` (synchronized on CUDA)."""
+        return self.timed(steps, warmup)[0]
 
 
 def synchronize(device: torch.device) -> None:

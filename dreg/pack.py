@@ -40,6 +40,7 @@ the others go on when it ends.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import signal
@@ -207,6 +208,24 @@ def stacked_particles(
     ]
 
 
+def one_malloc_arena() -> None:
+    """Let every thread allocate from glibc's main arena (no-op without glibc).
+
+    By default glibc gives threads arenas of their own, up to 8 per core, and each keeps the
+    blocks freed in it: with the joint step running in whichever job's thread arrives last,
+    every arena grows to a step's peak (measured at M = 16 on CPU: 2.3 GB instead of 0.6 GB).
+    One thread of a pack runs at a time, so sharing one arena costs nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
 def _ask_to_stop(trainer: Any) -> None:
     """What Lightning's own SIGTERM handler does (it is registered in the main thread only):
     the trainer stops at its next step boundary and raises ``SIGTERMException``."""
@@ -277,6 +296,7 @@ class Pack:
             for member, (_, job) in zip(self._members, jobs, strict=True)
         ]
         previous = self._catch_stop_signals()
+        one_malloc_arena()
         try:
             for thread in threads:
                 thread.start()

@@ -201,7 +201,7 @@ class BinarizedDataModule(pl.LightningDataModule):
                 generator = torch.Generator().manual_seed(int(stream.generate_state(1)[0]))
                 data = torch.bernoulli(data, generator=generator)
             if limits[name] is not None:
-                data = data[: limits[name]]
+                data = data[: limits[name]].clone()  # not a view: the whole split is freed
             loaded[name] = data.contiguous()
         return loaded
 
