@@ -56,14 +56,22 @@ def solo_gradients(module: DReGModule, batch: Batch, rng: dict) -> list[torch.Te
     return grads
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["one-after-another", "stacked"])
-def test_every_estimator_in_one_pack_gets_its_solo_gradient(batched):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("batched", "device"),
+    [(False, "cpu"), (True, "cpu"), pytest.param(True, "cuda", marks=CUDA)],
+    ids=["one-after-another", "stacked", "stacked-cuda"],
+)
+def test_every_estimator_in_one_pack_gets_its_solo_gradient(batched, device):
     names = sorted(estimator_classes())
-    modules = [replica(name, seed) for seed, name in enumerate(names)]
+    modules = [replica(name, seed).to(device) for seed, name in enumerate(names)]
     batches, states = [], []
     for seed in range(len(names)):
         torch.manual_seed(100 + seed)
-        batches.append(Batch(torch.bernoulli(torch.rand(B, DX, dtype=torch.float64))))
+        x = torch.bernoulli(torch.rand(B, DX, dtype=torch.float64))
+        batches.append(Batch(x.to(device)))
         states.append(rng_state())
     expected = [solo_gradients(m, b, s) for m, b, s in zip(modules, batches, states, strict=True)]
 
