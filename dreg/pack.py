@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 _LOG_2PI = math.log(2 * math.pi)
 _local = threading.local()  # .pack, .member: the pack and member of a job's thread
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 
 
 # -- one training step of several replicas ---------------------------------------------------------
@@ -221,9 +222,6 @@ def one_malloc_arena() -> None:
         libc.mallopt(M_ARENA_MAX, 1)
     except (OSError, AttributeError):
         pass
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 
 
 def _ask_to_stop(trainer: Any) -> None:

@@ -21,7 +21,7 @@ import torch
 from dreg.checkpointing import load_checkpoint, rng_state, set_rng_state
 from dreg.datamodules.binarized import Batch
 from dreg.errors import EXIT_PREEMPTED
-from dreg.estimators import estimator_by_name, estimator_classes, routed_loss
+from dreg.estimators import Particles, estimator_by_name, estimator_classes, routed_loss
 from dreg.lightning_module import DReGModule
 from dreg.model import VAE
 from dreg.pack import Pack, StepRequest, _Member, joint_step, stackable
@@ -143,9 +143,7 @@ def test_the_barrier_steps_every_waiting_job_together():
     assert sorted(taken) == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1)]
 
 
-def _particles(log_w: torch.Tensor):
-    from dreg.estimators import Particles
-
+def _particles(log_w: torch.Tensor) -> Particles:
     zero = torch.zeros_like(log_w)
     z = torch.zeros((*log_w.shape, 1), requires_grad=True)
     return Particles(log_p=log_w + (z.sum(-1) * 0), log_q_stopped=zero, log_q_stop_z=zero,
