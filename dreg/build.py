@@ -13,6 +13,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Timer
 
 from dreg.checkpointing import SafeCheckpointIO
 from dreg.lightning_module import DReGModule
@@ -39,6 +40,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     # folder unless resume=true, and a resumed run's folder holds its checkpoints by design.
     warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # Training wall time over every segment of a run (checkpoints carry it): train_seconds.
+    callbacks.append(Timer(duration=None, interval="step", verbose=False))
     return instantiate(
         cfg.trainer,
         logger=build_loggers(cfg) or False,
@@ -46,3 +49,9 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
         default_root_dir=output_dir,
         plugins=[SafeCheckpointIO()],
     )
+
+
+def train_seconds(trainer: pl.Trainer) -> float:
+    """Wall time spent in training over every segment of the run (resumes included)."""
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    return timer.time_elapsed("train")

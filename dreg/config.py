@@ -55,6 +55,25 @@ def validate(cfg: DictConfig) -> None:
     )
     lr = model.optimizer.get("lr")
     _require(isinstance(lr, int | float) and lr > 0, "model.optimizer.lr", lr, "a number > 0")
+    _require(
+        _positive_int(model.get("steps_per_call", 1)),
+        "model.steps_per_call",
+        model.get("steps_per_call"),
+        "an integer >= 1",
+    )
+    clip = model.get("clip_grad_norm")
+    _require(
+        clip is None or (isinstance(clip, int | float) and clip > 0),
+        "model.clip_grad_norm",
+        clip,
+        "a number > 0 (or null)",
+    )
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        raise ConfigError(
+            f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val}: Lightning does not "
+            "clip manually optimized steps, which every dreg step is; use "
+            f"model.clip_grad_norm={cfg.trainer.gradient_clip_val} instead"
+        )
     policy = model.get("nonfinite", "raise")
     _require(policy in ("raise", "skip"), "model.nonfinite", policy, "raise or skip")
     steps = cfg.trainer.get("max_steps", -1)

@@ -29,11 +29,6 @@ from pytorch_lightning.callbacks import Callback
 
 from dreg.datamodules.binarized import BinarizedDataModule
 
-#: Callbacks that replay every step's batch through per-call hooks. (GradientStatistics reads
-#: p.grad in ``on_before_optimizer_step``, which Lightning calls at every ``optimizer.step()``,
-#: also under manual optimization, so it sees every step of a group.)
-PER_STEP_CALLBACKS = ("EstimatorComparison",)
-
 
 def fallback_reason(trainer: pl.Trainer) -> str | None:
     """Why this run cannot group steps, or ``None`` when it can."""
@@ -45,14 +40,16 @@ def fallback_reason(trainer: pl.Trainer) -> str | None:
         return "validation is scheduled by epoch fraction, not by step"
     if trainer.limit_train_batches not in (1.0, None) or trainer.accumulate_grad_batches != 1:
         return "limit_train_batches / accumulate_grad_batches count calls, not steps"
-    watchers = [
-        type(c).__name__
-        for c in trainer.callbacks
-        if isinstance(c, Callback) and type(c).__name__ in PER_STEP_CALLBACKS
-    ]
-    if watchers:
-        return f"callback {', '.join(watchers)} inspects every step's batch or gradient"
     return None
+
+
+def has_gradient_hooks(trainer: pl.Trainer) -> bool:
+    """Whether a callback reads every step's gradients (``on_before_optimizer_step``):
+    :mod:`dreg.step` then calls the hook between backward and update."""
+    return any(
+        type(c).on_before_optimizer_step is not Callback.on_before_optimizer_step
+        for c in trainer.callbacks
+    )
 
 
 def group_boundaries(trainer: pl.Trainer, log_every_n_steps: int) -> tuple[int, ...]:
@@ -92,12 +89,18 @@ def count_optimizer_step(trainer: pl.Trainer) -> None:
     progress.increment_completed()
 
 
-def carry_step_count(trainer: pl.Trainer, manual: bool) -> None:
+def set_step_count(trainer: pl.Trainer, steps: int) -> None:
+    """Set the optimizer steps done (a run of steps that ended early at a bad update)."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.total.ready = progress.total.completed = steps
+
+
+def carry_step_count(trainer: pl.Trainer, manual: bool = True) -> None:
     """Continue the step count of a checkpoint written under the other optimization mode.
 
-    Lightning keeps separate step counters for automatic (one step per call) and manual
-    optimization (several); a resume with another ``steps_per_call`` reads the one that the
-    checkpoint did not advance.
+    Lightning keeps separate step counters for automatic (one step per call, which
+    checkpoints of earlier versions used) and manual optimization (every step now); a resume
+    reads the one that the checkpoint did not advance.
     """
     loop = trainer.fit_loop.epoch_loop
     automatic = loop.automatic_optimization.optim_progress.optimizer.step

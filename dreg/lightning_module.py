@@ -1,28 +1,27 @@
-"""DReGModule: the VAE trained with a swappable gradient estimator.
+"""DReGModule: the VAE trained with a swappable gradient estimator, and its evaluation.
 
-One training step = one encoder pass, one decoder pass, one backward. The estimator turns the
-log-weights into per-sample coefficients and :func:`routed_loss` turns those into a scalar
-whose single backward gives the decoder its model gradient and the encoder its inference
-gradient. What is logged is always the estimator's true bound, never a surrogate.
+Training goes through :mod:`dreg.step`, the one home of the training step (forward,
+estimator, routed backward, non-finite policy, optimizer step), alone or with the other jobs
+of a pack (:mod:`dreg.pack`). Each Lightning training call performs a run of
+``model.steps_per_call`` optimizer steps (:mod:`dreg.grouped_step` keeps validation, logging
+and checkpoints on their step counts). What is logged is always the estimator's true bound,
+never a surrogate.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import random
-import time
 from collections.abc import Callable
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer import call
 from torch import Tensor
 
 from dreg.captured_step import CapturedStep
 from dreg.datamodules.binarized import Batch, BatchGroup
 from dreg.errors import NonFiniteError
-from dreg.estimators import Estimator, GradientWeights, Particles, routed_loss
+from dreg.estimators import Estimator
 from dreg.estimators.ops import iwae_bound
 from dreg.grouped_step import (
     align_cadence,
@@ -30,10 +29,13 @@ from dreg.grouped_step import (
     count_optimizer_step,
     fallback_reason,
     group_boundaries,
+    has_gradient_hooks,
+    set_step_count,
 )
 from dreg.model import VAE
-from dreg.pack import StepRequest, current_pack, joint_step
-from dreg.seeds import derived_seed
+from dreg.pack import RunResult, current_pack
+from dreg.seeds import NOISE_STREAM, derived_seed, reseed_rank
+from dreg.step import Replicas
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,18 @@ class DReGModule(pl.LightningModule):
         unchanged, so checkpoints move between compiled and eager runs). Worth it on GPUs, where
         a step is launch-bound; on CPU the first step pays ~30-60 s of compilation.
     :param nonfinite: what a non-finite loss or gradient does: ``raise`` (stop, naming the
-        step, batch and term; parameters and checkpoints keep their last good values) or
-        ``skip`` (drop the update, count it in ``train/skipped_steps``; skipped updates do
-        not count towards ``trainer.max_steps``).
+        step and batch; parameters and checkpoints keep their last good values) or ``skip``
+        (undo the update, count it in ``train/skipped_steps``; a skipped update still counts
+        as a step towards ``trainer.max_steps``, as Lightning's own loop counts it).
     :param steps_per_call: optimizer steps per Lightning training call (:mod:`dreg.grouped_step`):
         the framework's per-call cost is paid once per N steps; results are bitwise those of
         one step per call on CPU. Falls back to 1, with one log line, where it cannot apply.
     :param cuda_graph: on CUDA, replay the whole optimizer step as one captured CUDA graph
         (:mod:`dreg.captured_step`; Adam becomes ``capturable=True``). Ignored on CPU.
+    :param clip_grad_norm: clip each step's whole gradient (model, inference and estimator
+        parameters together) to this 2-norm, as ``torch.nn.utils.clip_grad_norm_``; ``None``
+        (default) does not clip. (Lightning's ``trainer.gradient_clip_val`` does not reach a
+        manually optimized step, so the config check refuses it and names this option.)
     """
 
     def __init__(
@@ -76,8 +82,9 @@ class DReGModule(pl.LightningModule):
         train_model: bool = True,
         compile: bool = False,
         nonfinite: str = "raise",
-        steps_per_call: int = 1,
+        steps_per_call: int = 4,
         cuda_graph: bool = False,
+        clip_grad_norm: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "estimator", "optimizer"])
@@ -89,15 +96,18 @@ class DReGModule(pl.LightningModule):
         # The experiment definition (dreg.records.experiment_config), set by dreg.run and saved
         # in every checkpoint so that a resume can be checked against it.
         self.experiment: dict | None = None
-        self._seconds_before, self._segment = 0.0, [None, None]
         self._final_row: dict[str, Tensor] | None = None
-        if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int):
-            raise ValueError(f"model.steps_per_call={steps_per_call!r}: must be an integer >= 1")
-        if steps_per_call < 1:
-            raise ValueError(f"model.steps_per_call={steps_per_call}: must be an integer >= 1")
         self.steps_per_call, self.cuda_graph = steps_per_call, cuda_graph
-        # Decided in setup("fit") from the trainer: grouped calls and the captured step.
-        self._grouped, self._captured_wanted = False, False
+        self.clip_grad_norm = clip_grad_norm
+        # Every step is taken under manual optimization, by dreg.step.
+        self.automatic_optimization = False
+        # The training noise generator (setup), its checkpointed state, the step's replica.
+        self.noise: torch.Generator | None = None
+        self._noise_state: torch.Tensor | None = None
+        self._replicas: Replicas | None = None
+        self.step_inputs: tuple | None = None  # (x, context, eps) of the step being taken
+        # Decided in setup("fit") from the trainer: the captured step.
+        self._captured_wanted = False
         self._captured: CapturedStep | None = None
         self._cadence: tuple[int, int] | None = None  # (val_check_interval, log_every_n_steps)
         self._saved_triggers: tuple | None = None
@@ -108,145 +118,110 @@ class DReGModule(pl.LightningModule):
             for p in self.net.model_parameters():
                 p.requires_grad_(False)
 
-    # -- training ----------------------------------------------------------------------------
-    def estimate(self, batch: Batch) -> tuple[Particles, GradientWeights]:
-        """One model pass and the estimator's coefficients for it."""
-        particles = self.net.particles(batch.x, self.num_samples, batch.context, self.antithetic)
-        return particles, self.estimator(particles.log_w)
+    # -- training: runs of steps through dreg.step (alone) or dreg.pack (with other jobs) -----
+    def training_step(self, group: BatchGroup, batch_idx: int) -> None:
+        """``len(group)`` optimizer steps (fewer when a stop signal arrives)."""
+        pack = current_pack()
+        if pack is not None:
+            result = pack.train(self, group)
+        else:
+            result = self._train_alone(group)
+        self._finish_run(group, result)
 
-    def training_step(self, batch: Batch | BatchGroup, batch_idx: int) -> Tensor | None:
-        if isinstance(batch, BatchGroup):
-            return self._train_group(batch)
-        particles, weights = self.estimate(batch)
-        loss = routed_loss(particles, weights, train_model=self.train_model)
-        # Tensors, not floats: Lightning reads them only at its logging interval (no sync).
-        objective = weights.objective.mean()
-        self.log("train/objective", objective, prog_bar=True)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # Differs from the objective for vae and jvi; only on steps that reach the logger.
-            self.log("train/iwae_bound", iwae_bound(particles.log_w).mean())
-            # Label the row with the optimizer steps done after this one, as checkpoints and
-            # validation rows are labelled (Lightning would use the steps done before it).
-            self.log("step", float(self.global_step + 1))
-        elif self.global_step + 1 == self.trainer.max_steps:
+    def _train_alone(self, group: BatchGroup) -> RunResult:
+        replicas = self.replicas()
+        replicas.start_run()
+        done = 0
+        for i in range(len(group)):
+            if self.stop_requested():
+                break
+            if self._captured is not None:
+                self._captured.replay(group.rows[i].unsqueeze(0))
+            else:
+                images = group.data[group.rows[i]].unsqueeze(0)
+                replicas.step(images, self.split, self.manual_backward)
+            count_optimizer_step(self.trainer)
+            done += 1
+        first_bad, skipped = replicas.faults() if done else ([-1], [0])
+        return RunResult(
+            done, first_bad[0], skipped[0], replicas.objective[0], replicas.iwae_bound[0]
+        )
+
+    def replicas(self) -> Replicas:
+        """This job's model and optimizer as the one replica of :class:`dreg.step.Replicas`."""
+        if self._replicas is None:
+            self._replicas = Replicas.alone(
+                self, self.optimizers().optimizer, self.noise, **self.step_settings()
+            )
+            if has_gradient_hooks(self.trainer):
+                replicas = self._replicas
+                replicas.observers[0] = lambda m: self.before_update(replicas.inputs_of(m))
+        return self._replicas
+
+    def step_settings(self) -> dict:
+        """What every replica of a pack must share (besides the net's shapes)."""
+        return {
+            "num_samples": self.num_samples,
+            "antithetic": self.antithetic,
+            "train_model": self.train_model,
+            "clip_norm": self.clip_grad_norm,
+        }
+
+    def split(self, bits: Tensor) -> tuple[Tensor, Tensor | None]:
+        batch = self.trainer.datamodule.split_context(bits)
+        return batch.x, batch.context
+
+    def before_update(self, step_inputs: tuple) -> None:
+        """Lightning's ``on_before_optimizer_step`` hooks (grad_stats, estimator_compare),
+        with this job's gradients in ``p.grad`` and its step's ``(x, context, eps)`` in
+        ``step_inputs``."""
+        self.step_inputs = step_inputs
+        optimizer = self.optimizers().optimizer
+        call._call_callback_hooks(self.trainer, "on_before_optimizer_step", optimizer)
+        call._call_lightning_module_hook(self.trainer, "on_before_optimizer_step", optimizer)
+
+    def stop_requested(self) -> bool:
+        """A stop signal arrived, or the run has taken its last step."""
+        max_steps = self.trainer.max_steps
+        return self.trainer.received_sigterm or (max_steps > 0 and self.global_step >= max_steps)
+
+    def _finish_run(self, group: BatchGroup, result: RunResult) -> None:
+        """After a run of steps: give back untrained batches, apply the non-finite policy,
+        log what one step per call would log at the run's last step."""
+        if result.steps < len(group):
+            group.return_unused(len(group) - result.steps)
+        if result.first_bad >= 0 and self.nonfinite == "raise":
+            step = self.global_step - result.steps + result.first_bad
+            set_step_count(self.trainer, step)  # the bad update was not applied
+            batch = group.first_batch + result.first_bad
+            where = f"step {step} (epoch {self.current_epoch}, batch {batch})"
+            raise NonFiniteError(
+                f"non-finite loss or gradient at {where}; parameters and checkpoints keep their "
+                "last good values; set model.nonfinite=skip to drop such updates instead"
+            )
+        if not result.steps:
+            return
+        self.skipped_steps += result.skipped
+        size = group.rows.shape[1]
+        objective, bound = result.objective.clone(), result.iwae_bound.clone()
+        self.log("train/objective", objective, prog_bar=True, batch_size=size)
+        if result.skipped:
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
+        if self.global_step % self._cadence[1] == 0:
+            self.log("train/iwae_bound", bound, batch_size=size)
+            # Rows are labelled with the optimizer steps done, as checkpoints and validation.
+            self.log("step", float(self.global_step), batch_size=size)
+        elif self.global_step == self.trainer.max_steps:
             # A run shorter than log_every_n_steps would otherwise log no training curve.
-            self._final_row = {
-                "train/objective": objective.detach(),
-                "train/iwae_bound": iwae_bound(particles.log_w).mean(),
-            }
-        return loss
+            self._final_row = {"train/objective": objective, "train/iwae_bound": bound}
 
-    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
-        if self._grouped:
-            align_cadence(self.trainer, self.global_step, *self._cadence)
+    def on_train_batch_end(self, outputs, batch: BatchGroup, batch_idx: int) -> None:
+        align_cadence(self.trainer, self.global_step, *self._cadence)
         if self._final_row is not None and self.global_step == self.trainer.max_steps:
             row = {k: float(v) for k, v in self._final_row.items()}
             for logger in self.loggers:
                 logger.log_metrics(row, step=self.global_step)
             self._final_row = None
-
-    # -- several steps per call (dreg.grouped_step) -----------------------------------------
-    def _stop_before(self) -> bool:
-        """A stop signal arrived, or the run has taken its last step."""
-        max_steps = self.trainer.max_steps
-        return self.trainer.received_sigterm or (max_steps > 0 and self.global_step >= max_steps)
-
-    def _train_group(self, group: BatchGroup) -> None:
-        """``len(group)`` optimizer steps, each exactly as one step per call would take it."""
-        if self._captured is not None:
-            return self._train_group_captured(group)
-        optimizer = self.optimizers()
-        last = None
-        skipped_before = self.skipped_steps
-        for i in range(len(group)):
-            if self._stop_before():
-                group.return_unused(len(group) - i)
-                break
-            batch = group.binarized(i)
-            # The order of Lightning's automatic loop: zero_grad, forward, backward, check, step.
-            optimizer.zero_grad()
-            particles, weights, loss = self._forward_backward(batch)
-            bad = self._nonfinite_terms(loss)
-            if bad:
-                self._nonfinite(bad, group.first_batch + i)
-                optimizer.zero_grad(set_to_none=True)
-                count_optimizer_step(self.trainer)  # one step per call counts a skip as a step
-            else:
-                optimizer.step()
-            last = (weights.objective.mean(), particles.log_w, batch.x.shape[0])
-        if last is not None:
-            self._log_group_end(*last, skipped=self.skipped_steps != skipped_before)
-        return None
-
-    def _forward_backward(self, batch: Batch) -> tuple[Particles, GradientWeights, Tensor]:
-        """This step's forward and backward: alone, or jointly with the other jobs of its pack
-        (:mod:`dreg.pack`; a normal run is a pack of one)."""
-        request = StepRequest(self, batch)
-        pack = current_pack()
-        if pack is None:
-            joint_step([request])
-        else:
-            pack.step(request)
-        return request.particles, request.weights, request.loss
-
-    def _train_group_captured(self, group: BatchGroup) -> None:
-        captured = self._captured
-        captured.start_group()
-        first_step, done = self.global_step, 0
-        for i in range(len(group)):
-            if self._stop_before():
-                group.return_unused(len(group) - i)
-                break
-            captured.replay(group.rows[i])
-            count_optimizer_step(self.trainer)
-            done += 1
-        if not done:
-            return None
-        first_bad, skipped = captured.faults()  # the one host read of the group
-        if first_bad >= 0 and self.nonfinite == "raise":
-            self._nonfinite(
-                ["loss or gradient"], group.first_batch + first_bad, first_step + first_bad
-            )
-        self.skipped_steps += skipped
-        objective, bound = captured.objective.clone(), captured.iwae_bound.clone()
-        self._log_group_end(
-            objective, None, skipped=skipped > 0, bound=bound, size=group.rows.shape[1]
-        )
-        return None
-
-    def _log_group_end(
-        self,
-        objective: Tensor,
-        log_w: Tensor | None,
-        size: int,
-        skipped: bool,
-        bound: Tensor | None = None,
-    ) -> None:
-        """Log what one step per call logs at the group's last step (groups end at log steps)."""
-        self.log("train/objective", objective.detach(), prog_bar=True, batch_size=size)
-        if skipped:
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
-        log_every = self._cadence[1]
-        if self.global_step % log_every == 0:
-            if bound is None:
-                bound = iwae_bound(log_w).mean()
-            self.log("train/iwae_bound", bound, batch_size=size)
-            self.log("step", float(self.global_step), batch_size=size)
-        elif self.global_step == self.trainer.max_steps:
-            if bound is None:
-                bound = iwae_bound(log_w).mean()
-            self._final_row = {"train/objective": objective.detach(), "train/iwae_bound": bound}
-
-    def _nonfinite(self, bad: list[str], batch_idx: int, step: int | None = None) -> None:
-        """Raise (naming the step) or count a skipped update, as ``optimizer_step`` does."""
-        step = self.global_step if step is None else step
-        where = f"step {step} (epoch {self.current_epoch}, batch {batch_idx})"
-        if self.nonfinite == "raise":
-            raise NonFiniteError(
-                f"non-finite {', '.join(bad)} at {where}; parameters and checkpoints keep their "
-                "last good values; set model.nonfinite=skip to drop such updates instead"
-            )
-        self.skipped_steps += 1
 
     def _setup_grouping(self) -> None:
         trainer = self.trainer
@@ -256,77 +231,64 @@ class DReGModule(pl.LightningModule):
                 "model.cuda_graph=true ignored: training runs on %s, not CUDA",
                 trainer.strategy.root_device.type,
             )
-        wanted = self.steps_per_call > 1 or (self.cuda_graph and on_cuda)
-        if not wanted:
-            return
+        steps = self.steps_per_call
         reason = fallback_reason(trainer)
-        if reason is not None:
-            log.info(
-                "model.steps_per_call=%d, cuda_graph=%s: one eager step per call instead (%s)",
-                self.steps_per_call,
-                self.cuda_graph,
-                reason,
-            )
-            return
-        self._grouped, self._captured_wanted = True, self.cuda_graph and on_cuda
-        self.automatic_optimization = False
+        if reason is not None and steps > 1:
+            log.info("model.steps_per_call=%d: one step per call instead (%s)", steps, reason)
+            steps = 1
+        self._captured_wanted = self.cuda_graph and on_cuda and reason is None
+        if self._captured_wanted and has_gradient_hooks(trainer):
+            log.info("model.cuda_graph=true: eager steps instead (a callback reads every "
+                     "step's gradients, which a replayed graph cannot show it)")  # fmt: skip
+            self._captured_wanted = False
         log_every = int(trainer.log_every_n_steps)
         self._cadence = (int(trainer.val_check_interval), log_every)
-        trainer.datamodule.group_batches(self.steps_per_call, group_boundaries(trainer, log_every))
+        trainer.datamodule.group_batches(steps, group_boundaries(trainer, log_every))
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self._setup_grouping()
-        # Every rank was seeded alike, so every rank built the same initial model. From here
-        # each rank draws its own noise (latent samples, binarization): rank 0 keeps the run's
-        # stream, rank r > 0 switches to one derived from (seed, r). Resume restores each
-        # rank's stream (dreg.checkpointing.PreemptionCheckpoint saves them all).
-        if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
-            seed = derived_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank)
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            random.seed(seed)
+        if stage != "fit":
+            return
+        self._setup_grouping()
+        # Every rank was seeded alike, so every rank built the same initial model. The
+        # training noise (binarization, latent samples) comes from this job's own generator,
+        # seeded from (seed, rank): each DDP rank draws its own, and a job draws the same
+        # numbers alone or in a pack. Checkpoints carry its state.
+        seed = derived_seed(torch.initial_seed(), self.global_rank, NOISE_STREAM)
+        self.noise = torch.Generator(self.trainer.strategy.root_device).manual_seed(seed)
+        if self._noise_state is not None:
+            self.noise.set_state(self._noise_state)
+        if self.trainer.world_size > 1 and self.global_rank > 0:
+            reseed_rank(self.global_rank)
 
     # -- what checkpoints carry besides the weights ----------------------------------------
     def on_train_start(self) -> None:
-        self._segment = [time.perf_counter(), None]
         pack = current_pack()
         if pack is not None:
             pack.attach(self.trainer)
-        carry_step_count(self.trainer, manual=not self.automatic_optimization)
-        if self._grouped:
-            trainer = self.trainer
-            self._saved_triggers = (trainer.val_check_batch, trainer.log_every_n_steps)
-            align_cadence(trainer, self.global_step, *self._cadence)
-            if self._captured_wanted:
-                datamodule = trainer.datamodule
-                self._captured = CapturedStep(
-                    self,
-                    self.optimizers().optimizer,
-                    datamodule.splits["train"],
-                    datamodule.split_context,
-                    datamodule.batch_size,
-                    skip_nonfinite=self.nonfinite == "skip",
-                )
+        carry_step_count(self.trainer)
+        trainer = self.trainer
+        self._saved_triggers = (trainer.val_check_batch, trainer.log_every_n_steps)
+        align_cadence(trainer, self.global_step, *self._cadence)
+        if self._captured_wanted and pack is None:
+            datamodule = trainer.datamodule
+            self._captured = CapturedStep(
+                self.replicas(), datamodule.splits["train"], self.split, datamodule.batch_size
+            )
 
     def on_train_end(self) -> None:
-        self._segment[1] = time.perf_counter()
         if self._saved_triggers is not None:
             self.trainer.val_check_batch, self.trainer.log_every_n_steps = self._saved_triggers
             self._saved_triggers = None
 
-    def train_seconds(self) -> float:
-        """Wall time spent in training over every segment of the run (resumes included)."""
-        start, end = self._segment
-        if start is None:
-            return self._seconds_before
-        return self._seconds_before + (end or time.perf_counter()) - start
-
+    # -- what checkpoints carry besides the weights ----------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["dreg"] = {"experiment": self.experiment, "train_seconds": self.train_seconds()}
+        noise = self.noise.get_state() if self.noise is not None else None
+        checkpoint["dreg"] = {"experiment": self.experiment, "noise": noise}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._seconds_before = checkpoint.get("dreg", {}).get("train_seconds", 0.0)
+        self._noise_state = checkpoint.get("dreg", {}).get("noise")
+        if self._noise_state is not None and self.noise is not None:
+            self.noise.set_state(self._noise_state)
 
     # -- evaluation --------------------------------------------------------------------------
     def _evaluate(self, batch: Batch, stage: str) -> None:
@@ -356,36 +318,6 @@ class DReGModule(pl.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    # -- numerical faults --------------------------------------------------------------------
-    def _nonfinite_terms(self, loss: Tensor) -> list[str]:
-        """Names of the non-finite terms of this step.
-
-        The common case costs one fused norm per group and one host sync: a non-finite entry
-        makes its group's norm non-finite, so the per-term names are only computed then.
-        """
-        groups = {
-            "loss": [loss.detach()],
-            "model gradient": [p.grad for p in self.net.model_parameters() if p.grad is not None],
-            "inference gradient": [
-                p.grad for p in self.net.inference_parameters() if p.grad is not None
-            ],
-        }
-        norms = [
-            torch.nn.utils.get_total_norm(t) if t else loss.new_zeros(()) for t in groups.values()
-        ]
-        flags = torch.isfinite(torch.stack(norms)).tolist()
-        return [name for name, ok in zip(groups, flags, strict=True) if not ok]
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None):
-        loss = optimizer_closure()  # training_step + backward
-        bad = self._nonfinite_terms(loss)
-        if not bad:
-            optimizer.step()
-            return
-        self._nonfinite(bad, batch_idx)  # raises, or counts the skip
-        optimizer.zero_grad(set_to_none=True)
-        self.log("train/skipped_steps", float(self.skipped_steps))
-
     # -- optimization ------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [{"params": self.net.inference_parameters(), "name": "inference"}]
@@ -394,6 +326,10 @@ class DReGModule(pl.LightningModule):
         extra = [p for p in self.estimator.parameters() if p.requires_grad]
         if extra:
             groups.append({"params": extra, "name": "estimator"})
+        return self.make_optimizer(groups)
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The configured optimizer over ``groups`` (a pack's stacked tensors use it too)."""
         if self._captured_wanted:
             # Adam's step count and bias correction on the device, so a graph can record it.
             return self.optimizer_factory(groups, capturable=True)

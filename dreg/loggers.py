@@ -4,6 +4,10 @@ A run folder is one run for every logger: ``resume=true`` (or ``ckpt_path``) con
 ``csv/metrics.csv`` with each logged step exactly once, its TensorBoard folder with the events
 after the checkpoint hidden, and its W&B run under the same id. ``dreg.run`` calls
 :func:`continue_loggers` with the checkpoint's global step before training resumes.
+
+W&B runs come ready for dashboards (:func:`dashboard_fields`): a readable name, the sweep as
+their group, the mode as their job type, tags, Hydra's choices in the config, and a summary
+holding the best validation log-likelihood and the tested checkpoint's step.
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.loggers import TensorBoardLogger as LightningTensorBoardLogger
+from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from dreg.checkpointing import load_checkpoint
+from dreg.errors import ConfigError
 from dreg.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -243,7 +252,7 @@ def continue_loggers(loggers: Iterable[Logger], step: int) -> None:
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.continue_from(step, rows_at_step)
-        elif not isinstance(logger, CSVLogger | WandbLogger):
+        elif not isinstance(logger, CSVLogger | LightningWandbLogger):
             log.warning(
                 "%s cannot continue a run: its history after step %d may repeat; use the "
                 "loggers of conf/logger (dreg.loggers)",
@@ -275,20 +284,188 @@ def wandb_run_id(save_dir: str | Path) -> str:
     return run_id
 
 
-def wandb_logger(save_dir: str, mode: str = "auto", **kwargs) -> WandbLogger:
-    """A :class:`WandbLogger` that runs offline, with no prompt, when there are no credentials,
-    and continues the run folder's W&B run (same id, ``resume="allow"``).
+# -- one W&B mode per process ----------------------------------------------------------------
+# Lightning starts an offline run by setting WANDB_MODE=dryrun in os.environ, for the whole
+# process and for good: an online run started later in the same process (the next job of a
+# packed sweep) would go offline without a word. So the first W&B run of a process fixes the
+# mode of every later one: `auto` follows it, another explicit mode is refused.
+_process_mode: str | None = None
 
-    :param mode: ``online``, ``offline`` or ``auto`` (online only with credentials). Offline
-        runs are saved under ``save_dir/wandb`` and can be uploaded later with ``wandb sync``.
+
+def wandb_mode(mode: str) -> str:
+    """``online`` or ``offline`` for a run configured with ``mode``.
+
+    ``auto``: the mode of this process's earlier W&B runs if any; otherwise offline when
+    ``WANDB_MODE`` says so or there are no credentials, online when there are.
     """
     if mode not in ("auto", "online", "offline"):
         raise ValueError(f"logger.mode must be auto, online or offline, got {mode!r}")
-    if mode == "auto":
-        mode = "online" if wandb_has_credentials() else "offline"
+    if mode != "auto":
+        return mode
+    if _process_mode is not None:
+        return _process_mode
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+        return "offline"
+    return "online" if wandb_has_credentials() else "offline"
+
+
+def claim_wandb_mode(mode: str) -> None:
+    """Fix this process's W&B mode at its first run; refuse a run in the other mode after it."""
+    global _process_mode
+    if _process_mode is None:
+        _process_mode = mode
+    elif mode != _process_mode:
+        raise ConfigError(
+            f"logger.wandb.mode={mode}: this process already logs to W&B {_process_mode} (the "
+            "mode is process-wide and packed jobs share one process); give every job of the "
+            "sweep the same logger.wandb.mode"
+        )
+
+
+# -- what a dashboard groups, filters and summarizes by ---------------------------------------
+# Summaries other than the last value: the best validation log-likelihood, the number the
+# tested checkpoint is chosen on (the test numbers themselves are set by summarize_wandb).
+SUMMARIES = {"val/log_likelihood": "max"}
+STEP_METRIC = "trainer/global_step"  # Lightning's x-axis: dreg's step, updates completed
+
+
+def hydra_job() -> tuple[dict[str, str], str | None]:
+    """This job's config-group choices (Hydra's own left out) and, in a multirun, the name of
+    its sweep folder; ``({}, None)`` outside a Hydra app.
+
+    Hydra's config per job is current here in a pack too: :class:`dreg.pack.Pack` swaps it
+    with the job's thread, and the logger is built in that thread.
+    """
+    if not HydraConfig.initialized():
+        return {}, None
+    hydra = HydraConfig.get()
+    choices = {
+        str(group): str(option)
+        for group, option in hydra.runtime.choices.items()
+        if option is not None and str(group).partition("/")[0] != "hydra"
+    }
+    sweep = Path(str(hydra.sweep.dir)).name if hydra.mode == RunMode.MULTIRUN else None
+    return choices, sweep
+
+
+def dashboard_fields(
+    num_samples: int | None = None,
+    seed: int | None = None,
+    train_model: bool = True,
+    run_id: str = "",
+) -> dict[str, Any]:
+    """``wandb.init`` arguments that make runs easy to find, group and compare.
+
+    - ``name``: ``<estimator>-<dataset>-K<K>-seed<seed>``, readable in a legend (the override
+      string is not), after the job type when it is not ``train``; a diagnose run has no
+      estimator and K (it studies ``mode.estimators`` at ``mode.num_samples``);
+    - ``group``: a multirun job's sweep, ``[<experiment>/]<sweep folder>``, so that a sweep's
+      runs appear together; a single run is a group of its own (``<name>-<run id>``);
+    - ``job_type``: the mode (``train``, ``bias_check``, ``diagnose``), ``inference_only`` when
+      a train run trains only the inference network (``train_model=false``);
+    - ``tags``: ``estimator:``, ``dataset:``, ``K:``, ``model:`` (those the run has);
+    - ``config``: Hydra's choices under ``choices`` (``choices.estimator``...): the composed
+      config (logged later, nested) holds only their contents, e.g. an estimator's class.
+    """
+    choices, sweep = hydra_job()
+    estimator, dataset, model = (choices.get(g) for g in ("estimator", "dataset", "model"))
+    job_type = choices.get("mode", "train")
+    if job_type == "train" and not train_model:
+        job_type = "inference_only"
+    if job_type == "diagnose":  # it studies the lists mode.estimators and mode.num_samples
+        estimator = num_samples = None
+    parts = [None if job_type == "train" else job_type, estimator, dataset]
+    parts += [f"K{num_samples}"] if num_samples is not None else []
+    parts += [f"seed{seed}"] if seed is not None else []
+    name = "-".join(p for p in parts if p)
+    experiment = choices.get("experiment")
+    if sweep is None:
+        group = f"{name}-{run_id}" if run_id else name
+    else:
+        group = f"{experiment}/{sweep}" if experiment else sweep
+    tagged = {"estimator": estimator, "dataset": dataset, "K": num_samples, "model": model}
+    return {
+        "name": name or None,  # None: W&B's own name
+        "group": group or None,
+        "job_type": job_type,
+        "tags": [f"{key}:{value}" for key, value in tagged.items() if value is not None],
+        "config": {"choices": choices},
+    }
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's W&B logger, whose run claims the process's W&B mode (refused when another
+    run of the process logs in the other mode) and keeps the dashboard's summaries."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return super().experiment
+        claim_wandb_mode("offline" if self._offline else "online")
+        if self._wandb_init.get("anonymous") is None:  # Lightning's None: W&B warns of any value
+            self._wandb_init.pop("anonymous", None)
+        run = super().experiment
+        if hasattr(run, "define_metric"):
+            for key, summary in SUMMARIES.items():
+                run.define_metric(key, step_metric=STEP_METRIC, summary=summary)
+        return run
+
+
+def wandb_logger(
+    save_dir: str,
+    mode: str = "auto",
+    job: dict[str, Any] | None = None,
+    tags: Iterable[str] | None = None,
+    **kwargs: Any,
+) -> WandbLogger:
+    """A :class:`WandbLogger` that runs offline, with no prompt, when there are no credentials,
+    continues the run folder's W&B run (same id, ``resume="allow"``), and fills in the
+    dashboard fields (:func:`dashboard_fields`) that are not given.
+
+    :param mode: ``online``, ``offline`` or ``auto`` (:func:`wandb_mode`). Offline runs are
+        saved under ``save_dir/wandb`` and can be uploaded later with ``wandb sync``.
+    :param job: what the dashboard fields are made of besides Hydra's choices: ``num_samples``
+        (K), ``seed`` and ``train_model``.
+    :param kwargs: for ``wandb.init`` (``project``, ``name``, ``group``, ``job_type``...) and
+        Lightning's logger; a ``None`` dashboard field is derived.
+    """
+    mode = wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("id", wandb_run_id(save_dir))
+    fields = dashboard_fields(**dict(job or {}), run_id=kwargs["id"])
+    if tags is not None:
+        fields["tags"] = [str(tag) for tag in tags]
+    for key, value in fields.items():
+        if kwargs.get(key) is None:
+            kwargs[key] = value
     # create_new: the jobs of a pack (dreg.pack) each keep a W&B run of their own in one
     # process; otherwise Lightning would attach every job to the first one's run.
     kwargs.setdefault("reinit", "create_new")
     return WandbLogger(save_dir=save_dir, offline=mode == "offline", resume="allow", **kwargs)
+
+
+@rank_zero_only
+def summarize_wandb(
+    loggers: Iterable[Logger], metrics: dict[str, Any], tested_checkpoint: str | Path | None
+) -> None:
+    """Put a finished run's record into its W&B summary: the test numbers and the step of the
+    weights they come from (``test/checkpoint_step``: the best checkpoint's, else the last
+    step), beside the best validation log-likelihood (:data:`SUMMARIES`). ``dreg.run`` calls
+    this after testing, so the runs table of a dashboard needs no history scan."""
+    runs = [lg.experiment for lg in loggers if isinstance(lg, LightningWandbLogger)]
+    if not runs:
+        return
+    if tested_checkpoint:
+        step = int(load_checkpoint(tested_checkpoint)["global_step"])
+    else:
+        step = int(metrics["global_step"])
+    summary = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    summary |= {
+        "test/checkpoint_step": step,
+        "test/checkpoint": str(metrics.get("tested_checkpoint", "")),
+        "global_step": metrics["global_step"],
+        "train_seconds": metrics["train_seconds"],
+    }
+    for run in runs:
+        run.summary.update(summary)

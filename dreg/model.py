@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
 from dreg.estimators.surrogates import Particles
-from dreg.library import antithetic_noise, make_particles
+from dreg.library import antithetic_noise, diagonal_normal_log_prob, make_particles
 
 _LOG_2PI = math.log(2 * math.pi)
 SCALE_OFFSET = 0.25  # softplus(raw + 0.25): the original's initial scale bias
@@ -137,10 +137,28 @@ class VAE(nn.Module):
             log_prior = gaussian_log_prob(z, prior_mean, prior_scale)
             dec_in = torch.cat([z, c.expand(z.shape[0], -1, -1)], dim=-1)  # [K, B, Dz + C]
         logits = self.decoder(dec_in)  # [K, B, Dx]
-        log_lik = -F.binary_cross_entropy_with_logits(
-            logits, x.expand_as(logits), reduction="none"
-        ).sum(-1)  # [K, B]
+        # Bernoulli log-likelihood x*l - log(1 + e^l): the same value as the negated
+        # binary_cross_entropy_with_logits, in two passes over [K, B, Dx] instead of its
+        # seven under vmap (the decoder's output is the largest tensor of a step).
+        log_lik = (logits * x).sum(-1) - F.softplus(logits).sum(-1)  # [K, B]
         return log_prior + log_lik
+
+    @property
+    def noise_dim(self) -> int:
+        """Standard-normal draws per sample (z = mean + scale * eps)."""
+        return self.latent_dim
+
+    def propose(
+        self, x: Tensor, context: Tensor | None, eps: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """z ``[K, B, Dz]`` = mean + scale * eps, log q(z; stop phi) (z keeps its path) and
+        log q(stop z; phi), both ``[K, B]``: what :class:`dreg.step.Replicas` needs, with the
+        same expressions as :func:`dreg.library.make_particles` for a diagonal Gaussian."""
+        mean, scale = self.posterior_params(x, context)  # [B, Dz] each
+        z = mean + scale * eps
+        log_q_stopped = diagonal_normal_log_prob(z, mean.detach(), scale.detach(), 1)
+        log_q_stop_z = diagonal_normal_log_prob(z.detach(), mean, scale, 1)
+        return z, log_q_stopped, log_q_stop_z
 
     def particles(
         self,
@@ -148,12 +166,14 @@ class VAE(nn.Module):
         num_samples: int,
         context: Tensor | None = None,
         antithetic: bool = False,
+        noise: Tensor | None = None,
     ) -> Particles:
         """One encoder pass and one decoder pass with K reparameterized samples per point.
 
         Built by :func:`dreg.library.make_particles`, the one constructor of Particles.
 
         :param antithetic: mirror half of the noise (eps, -eps) around the posterior mean.
+        :param noise: the standard-normal draws ``[K, B, Dz]`` to use (a replay of a step).
         """
         mean, scale = self.posterior_params(x, context)  # [B, Dz] each
         # validate_args=False: a NaN scale must reach the loss, where model.nonfinite decides
@@ -163,7 +183,7 @@ class VAE(nn.Module):
             proposal,
             lambda z: self.log_joint(x, z, context),
             num_samples,
-            noise=antithetic_noise if antithetic else None,
+            noise=noise if noise is not None else (antithetic_noise if antithetic else None),
         )
 
     @torch.no_grad()

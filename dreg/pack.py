@@ -1,212 +1,99 @@
-"""Packs: several training jobs as replicas of one model, stepped together in one process.
+"""Packs: the jobs of a sweep as replicas of one batched model, stepped together in one process.
 
 A pack runs each job's whole pipeline (:func:`dreg.run.main`: run folder, Lightning trainer,
-loggers, checkpoints, records) in a thread of its own, **one thread at a time**. Training
-steps meet at a barrier (:meth:`Pack.step`): once every unfinished job of the pack waits
-there, one joint step runs the forward passes of all replicas and a single backward, and each
-job goes on with its own non-finite check and its own optimizer step. So every job stays a
-normal run with its own records, while the model's kernels are shared.
+loggers, checkpoints, validation, test, records) in a thread of its own, **one thread at a
+time**, so every job stays an ordinary run with its own records. What the jobs share is the
+training itself: each job's training call (a run of ``model.steps_per_call`` steps) waits at
+a barrier (:meth:`Pack.train`), and once every unfinished job waits there, the pack takes
+those steps for all of them at once with :class:`dreg.step.Replicas`: the replicas'
+parameters stacked ``[M, ...]``, the model's own code under ``torch.func.vmap``, one
+backward, one optimizer step for all. So a step's host work (Lightning's loop, the optimizer,
+the non-finite check, the thread hand-off) is paid once per pack and run of steps, not once
+per job and step.
 
 Why the jobs cannot change each other's numbers:
 
 * **One thread runs at a time.** A thread holds the pack's lock from its start to the barrier
   and from the barrier to its end, so no two jobs ever race on shared state.
-* **Private random streams.** Switching threads swaps the global RNG states (torch CPU and
-  CUDA, NumPy, ``random``) and Hydra's job config, like an OS swaps registers: every job draws
-  its binarization, latent noise and evaluation noise from its own stream, exactly as it would
-  alone, and saves and restores that stream in its checkpoints as a solo run does. The joint
-  step draws replica m's noise with m's state in place, in the order its solo step draws it.
-* **Separate parameters and optimizers.** Replica m's gradient comes from its own loss alone
-  (batched: the losses are summed for one backward, and d(sum)/d(loss_m) = 1), so a NaN in
-  one replica reaches no other, and ``model.nonfinite`` acts on each job alone (raise: that
-  job fails and leaves the pack; skip: only its update is dropped).
+* **Private random streams.** A job's training noise comes from its own ``torch.Generator``
+  (:mod:`dreg.step`), the same numbers alone or packed. Its other draws (initialization,
+  evaluation) use the global streams, which are swapped with Hydra's job config when the
+  barrier hands over to another thread, as an OS swaps registers (once per run of steps).
+* **Separate gradients and updates.** Replica m's gradient comes from its own loss alone
+  (d(sum)/d(loss_m) = 1), so a NaN in one replica reaches no other, and ``model.nonfinite``
+  acts on each job alone (raise: that job fails at the end of the run, its parameters at
+  their last good values; skip: only its update is undone).
 
-How a step is computed (:func:`joint_step`):
-
-* ``batched=False``: one replica's solo step after another (the same operations, so a job's
-  numbers in a pack are **bitwise** those of the job run alone). The default on CPU, where a
-  step is bound by the decoder's matrix products and batching gains nothing.
-* ``batched=True``: the replicas' weights stacked ``[M, ...]`` and every layer one batched
-  matrix product (:func:`stacked_particles`), so a kernel does M replicas' work: the point of
-  packing on a GPU. Equal to the solo step to float round-off (batched and single matrix
-  products sum in different orders), tested in float64.
-
-A normal run is a pack of one: :class:`~dreg.lightning_module.DReGModule` computes every
-grouped training step (``model.steps_per_call``, default 4) through :func:`joint_step`, alone
-or in a pack. A job that trains one step per call (DDP, ``estimator_compare``, epoch-fraction
-validation) never reaches the barrier: in a pack it trains through, holding its turn, and
-the others go on when it ends.
+Replicas whose optimizers differ (settings, or Adam's step count after a resume) form
+separate cohorts, each one stacked model; a pack of one is a normal run.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from torch import Tensor, nn
+from torch import Tensor
 
 from dreg.checkpointing import rng_state, set_rng_state
-from dreg.datamodules.binarized import Batch
-from dreg.estimators import GradientWeights, Particles, routed_loss
-from dreg.library import antithetic_noise, diagonal_normal_log_prob, standard_normal_noise
-from dreg.model import SCALE_OFFSET, VAE
+from dreg.grouped_step import count_optimizer_step, has_gradient_hooks
+from dreg.step import Replicas
 
 log = logging.getLogger(__name__)
 
-_LOG_2PI = math.log(2 * math.pi)
 _local = threading.local()  # .pack, .member: the pack and member of a job's thread
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 
 
-# -- one training step of several replicas ---------------------------------------------------------
 @dataclass
-class StepRequest:
-    """One replica's part of a joint step: its module and batch in, particles and loss out.
+class RunResult:
+    """What a run of steps did for one job.
 
-    :ivar module: the job's :class:`~dreg.lightning_module.DReGModule`.
-    :ivar batch: the binarized training batch of this step.
-    :ivar member: the job's place in its pack (whose RNG state draws the noise), or ``None``
-        for a run alone (the live RNG state is its own).
+    :ivar steps: steps taken (fewer than the group's when a stop signal arrived).
+    :ivar first_bad: index in the run of the first non-finite step, or -1.
+    :ivar skipped: updates undone under ``nonfinite=skip``.
+    :ivar objective: ``[]`` device tensor, the last step's objective (batch mean).
+    :ivar iwae_bound: ``[]`` device tensor, the last step's IWAE bound (batch mean).
     """
+
+    steps: int
+    first_bad: int
+    skipped: int
+    objective: Tensor
+    iwae_bound: Tensor
+
+
+@dataclass
+class _Request:
+    """A job's run of steps, waiting at the barrier."""
 
     module: Any
-    batch: Batch
-    member: _Member | None = None
-    particles: Particles | None = None
-    weights: GradientWeights | None = None
-    loss: Tensor | None = None
-    error: BaseException | None = None
+    group: Any  # BatchGroup
+    offset: int = 0  # steps of the group already taken
+    first_bad: int = -1
+    skipped: int = 0
+    stopped: bool = False
     done: bool = False
-
-    @contextmanager
-    def own_rng(self) -> Iterator[None]:
-        """The global RNG is this replica's own stream inside the block."""
-        if self.member is None:
-            yield
-            return
-        set_rng_state(self.member.rng)
-        try:
-            yield
-        finally:
-            self.member.rng = rng_state()
+    error: BaseException | None = None
+    result: RunResult | None = None
 
 
-def joint_step(requests: Sequence[StepRequest], batched: bool = False) -> None:
-    """Forward and backward of every replica: each one's parameters get its own gradient.
-
-    Fills ``particles``, ``weights`` and ``loss`` of each request. Unbatched, it is a solo
-    step per replica, one after another (the same operations, so bitwise a run alone, and one
-    replica's activations in memory at a time). ``batched`` computes the model passes of all
-    replicas with stacked weights (when :func:`stackable`) and takes one backward for the sum
-    of their losses: d(sum)/d(loss_m) = 1, so each replica still gets its own gradient.
-    """
-    if not (batched and len(requests) > 1 and stackable([r.module.net for r in requests])):
-        for request in requests:
-            with request.own_rng():
-                request.particles, request.weights = request.module.estimate(request.batch)
-            module = request.module
-            request.loss = routed_loss(request.particles, request.weights, module.train_model)
-            module.manual_backward(request.loss)  # Lightning's backward, as in a run alone
-        return
-    every = stacked_particles(
-        [r.module.net for r in requests],
-        [r.batch.x for r in requests],
-        requests[0].module.num_samples,
-        [_noise_in_own_stream(r) for r in requests],
+def cohort_key(module: Any) -> tuple:
+    """Jobs whose replicas can share one stacked model and optimizer."""
+    state = next(iter(module.optimizers().optimizer.state.values()), {})
+    return (
+        repr(module.optimizer_factory),
+        int(state["step"]) if "step" in state else 0,
+        tuple(sorted(module.step_settings().items())),
+        str(next(module.net.parameters()).device),
     )
-    for request, particles in zip(requests, every, strict=True):
-        request.particles = particles
-        request.weights = request.module.estimator(particles.log_w)
-        request.loss = routed_loss(particles, request.weights, request.module.train_model)
-    torch.autograd.backward([r.loss for r in requests])
-
-
-def _noise_in_own_stream(request: StepRequest) -> Callable[..., Tensor]:
-    sampler = antithetic_noise if request.module.antithetic else standard_normal_noise
-
-    def draw(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-        with request.own_rng():
-            return sampler(shape, dtype, device)
-
-    return draw
-
-
-def stackable(nets: Sequence[nn.Module]) -> bool:
-    """Whether :func:`stacked_particles` can run these nets together: unconditional
-    :class:`~dreg.model.VAE` replicas with equal shapes, on one device."""
-    first = nets[0]
-    if any(type(n) is not VAE or n.context_dim for n in nets):
-        return False
-    shapes = [[(p.shape, p.dtype, p.device) for p in n.parameters()] for n in nets]
-    return all(s == shapes[0] for s in shapes) and all(
-        [type(m) for m in n.modules()] == [type(m) for m in first.modules()] for n in nets
-    )
-
-
-def stacked_mlp(mlps: Sequence[nn.Sequential], inputs: Tensor) -> Tensor:
-    """``[M, *, in] -> [M, *, out]``: replica m's MLP on ``inputs[m]``, each layer one batched
-    matrix product of the stacked weights (gradients flow back to every replica's tensors)."""
-    m, *middle, _ = inputs.shape
-    h = inputs.reshape(m, -1, inputs.shape[-1])
-    for i, layer in enumerate(mlps[0]):
-        if isinstance(layer, nn.Linear):
-            weight = torch.stack([mlp[i].weight for mlp in mlps])  # [M, out, in]
-            bias = torch.stack([mlp[i].bias for mlp in mlps])  # [M, out]
-            h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-        else:
-            h = layer(h)  # the activation: stateless, the same in every replica
-    return h.reshape(m, *middle, h.shape[-1])
-
-
-def stacked_particles(
-    nets: Sequence[VAE],
-    xs: Sequence[Tensor],
-    num_samples: int,
-    noise: Sequence[Callable[..., Tensor]],
-) -> list[Particles]:
-    """:meth:`VAE.particles` of M replicas at once, each on its own batch and noise.
-
-    The same quantities and expressions as ``VAE.particles`` (through
-    :func:`~dreg.library.make_particles`), with one stacked encoder and decoder pass. Each
-    replica's z gets its own alias ``z_for_p`` before stacking, so the routing hook of
-    :func:`~dreg.estimators.routed_loss` sees only that replica's gradient.
-    """
-    x = torch.stack(list(xs))  # [M, B, Dx]
-    inputs = x - torch.stack([net.train_mean for net in nets]).unsqueeze(1)
-    mean, raw_scale = stacked_mlp([net.encoder.net for net in nets], inputs).chunk(2, dim=-1)
-    scale = F.softplus(raw_scale + SCALE_OFFSET)  # [M, B, Dz]
-    zs, aliases = [], []
-    for m, draw in enumerate(noise):
-        eps = draw(torch.Size((num_samples, *mean.shape[1:])), mean.dtype, mean.device)
-        z = mean[m] + scale[m] * eps  # [K, B, Dz]
-        zs.append(z)
-        aliases.append(z.view_as(z))
-    z_for_p = torch.stack(aliases)  # [M, K, B, Dz]
-    log_prior = (-0.5 * z_for_p**2 - 0.5 * _LOG_2PI).sum(-1)
-    logits = stacked_mlp([net.decoder for net in nets], z_for_p)  # [M, K, B, Dx]
-    log_lik = -F.binary_cross_entropy_with_logits(
-        logits, x.unsqueeze(1).expand_as(logits), reduction="none"
-    ).sum(-1)
-    log_p = log_prior + log_lik  # [M, K, B]
-    return [
-        Particles(
-            log_p=log_p[m],
-            log_q_stopped=diagonal_normal_log_prob(z, mean[m].detach(), scale[m].detach(), 1),
-            log_q_stop_z=diagonal_normal_log_prob(z.detach(), mean[m], scale[m], 1),
-            z_for_p=aliases[m],
-        )
-        for m, z in enumerate(zs)
-    ]
 
 
 def one_malloc_arena() -> None:
@@ -239,7 +126,7 @@ class _Member:
     name: str
     rng: dict[str, Any] = field(default_factory=dict)
     hydra_cfg: Any = None
-    request: StepRequest | None = None
+    request: _Request | None = None
     trainer: Any = None
     finished: bool = False
 
@@ -250,17 +137,13 @@ def current_pack() -> Pack | None:
 
 
 class Pack:
-    """Runs jobs in threads, one at a time, and steps their replicas together.
+    """Runs jobs in threads, one at a time, and trains their replicas together."""
 
-    :param batched: compute joint steps with stacked weights (:func:`stacked_particles`);
-        otherwise one replica after another, bitwise the solo steps.
-    """
-
-    def __init__(self, batched: bool = False) -> None:
-        self.batched = batched
+    def __init__(self) -> None:
         self._cond = threading.Condition()  # its lock is the right to run
         self._members: list[_Member] = []
         self._stopping = False
+        self._cohorts: dict[tuple[int, ...], Replicas] = {}
         self.steps = 0  # joint steps taken (for the log)
 
     @property
@@ -287,7 +170,7 @@ class Pack:
                     results[member.index] = err
                 finally:
                     member.finished = True
-                    self._step_if_all_waiting()
+                    self._run_if_all_waiting()
 
         threads = [
             threading.Thread(target=body, args=(member, job), name=f"pack-job-{member.index}")
@@ -328,31 +211,114 @@ class Pack:
             _ask_to_stop(trainer)
 
     # -- the barrier ---------------------------------------------------------------------------
-    def step(self, request: StepRequest) -> None:
-        """Wait until every unfinished job has a step to take, then take them together."""
+    def train(self, module: Any, group: Any) -> RunResult:
+        """Take the steps of ``group`` with every other job's: wait until each unfinished job
+        has a run of steps to take, then take them together."""
         member: _Member = _local.member
-        request.member, member.request = member, request
+        request = member.request = _Request(module, group)
         member.rng, member.hydra_cfg = rng_state(), HydraConfig.instance().cfg
-        self._step_if_all_waiting()
+        self._run_if_all_waiting()
         while not request.done:
             self._cond.wait()  # lets the next job run
         set_rng_state(member.rng)
         HydraConfig.instance().cfg = member.hydra_cfg
         if request.error is not None:
             raise request.error
+        return request.result
 
-    def _step_if_all_waiting(self) -> None:
+    def _run_if_all_waiting(self) -> None:
         """Called with the lock held whenever a job arrives or ends."""
         live = [m for m in self._members if not m.finished]
         if not live or any(m.request is None for m in live):
             return
         requests = [m.request for m in live]
         try:
-            joint_step(requests, self.batched)
-        except Exception as err:  # e.g. out of memory: every job of this step reports it
+            self._joint_run(requests)
+        except Exception as err:  # e.g. out of memory: every job of this run reports it
             for request in requests:
-                request.error = err
+                request.error, request.done = err, True
         for member in live:
-            member.request.done, member.request = True, None
-        self.steps += 1
+            if member.request.done:
+                member.request = None
         self._cond.notify_all()
+
+    def _joint_run(self, requests: list[_Request]) -> None:
+        """As many steps as every request still has, for all replicas (one cohort after
+        another); requests with steps left wait for the others' next run."""
+        n = min(len(r.group) - r.offset for r in requests)
+        cohorts = self._cohorts_of(requests)
+        for replicas, _ in cohorts:
+            replicas.start_run()
+        taken = 0
+        for _ in range(n):
+            if any(r.module.stop_requested() for r in requests):
+                break
+            for replicas, members in cohorts:
+                rows = torch.stack([r.group.rows[r.offset + taken] for r in members])
+                images = members[0].group.data[rows]
+                replicas.step(images, members[0].module.split, Tensor.backward)
+            for request in requests:
+                count_optimizer_step(request.module.trainer)
+            taken += 1
+            self.steps += 1
+        for replicas, members in cohorts:
+            modules = [r.module for r in members]
+            replicas.store(modules, [m.optimizers().optimizer for m in modules])
+            first_bad, skipped = (
+                replicas.faults() if taken else ([-1] * len(members), [0] * len(members))
+            )
+            for i, request in enumerate(members):
+                if request.first_bad < 0 and first_bad[i] >= 0:
+                    request.first_bad = request.offset + first_bad[i]
+                request.skipped += skipped[i]
+                request.offset += taken
+                stopped = taken < n
+                dead = request.first_bad >= 0 and request.module.nonfinite == "raise"
+                if request.offset == len(request.group) or stopped or dead:
+                    request.done = True
+                    request.result = RunResult(
+                        request.offset,
+                        request.first_bad,
+                        request.skipped,
+                        replicas.objective[i].clone(),
+                        replicas.iwae_bound[i].clone(),
+                    )
+
+    def _cohorts_of(self, requests: list[_Request]) -> list[tuple[Replicas, list[_Request]]]:
+        """The requests in cohorts (same optimizer and step settings), each one stacked model;
+        kept while the same jobs train together (their copies are the current state)."""
+        by_key: dict[tuple, list[_Request]] = {}
+        for request in requests:
+            by_key.setdefault(cohort_key(request.module), []).append(request)
+        cohorts, used = [], set()
+        for members in by_key.values():
+            ids = tuple(id(r.module) for r in members)
+            used.add(ids)
+            replicas = self._cohorts.get(ids)
+            if replicas is None:
+                modules = [r.module for r in members]
+                replicas = self._cohorts[ids] = Replicas.stacked(
+                    modules,
+                    [m.optimizers().optimizer for m in modules],
+                    [m.noise for m in modules],
+                    **modules[0].step_settings(),
+                )
+                for i, module in enumerate(modules):
+                    if has_gradient_hooks(module.trainer):
+                        replicas.observers[i] = _observer(replicas, module)
+            cohorts.append((replicas, members))
+        for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
+            del self._cohorts[ids]
+        return cohorts
+
+
+def _observer(replicas: Replicas, module: Any) -> Callable[[int], None]:
+    """Shows job ``module`` its replica's gradients in ``p.grad`` and calls its hooks."""
+
+    def observe(m: int) -> None:
+        for name, p in module.net.named_parameters():
+            grad = replicas.params[name].grad
+            p.grad = None if grad is None else grad[m]
+        module.before_update(replicas.inputs_of(m))
+
+    return observe

@@ -1,14 +1,14 @@
 """What ``hydra/launcher=packed`` does: sort a sweep's jobs into packs and run each pack.
 
-Jobs that can share a model's kernels (same dataset, network sizes, K and device:
-:func:`pack_key`) go to one pack of at most ``max_pack_size`` jobs; the others train alone.
+Jobs that can share one batched model (same dataset, network, K, sampling, device and
+precision: :func:`pack_key`) go to one pack of at most ``max_pack_size`` jobs; the others train alone.
 Packs run one after another; inside a pack every job is Hydra's ordinary job
 (``hydra.core.utils.run_job``: its folder, ``.hydra`` configs, callbacks, return value)
 running the ordinary task, in a thread of :class:`dreg.pack.Pack`. Each job writes its own
 ``train.log``.
 
-Optimizer settings may differ inside a pack (each replica keeps its own optimizer), so a
-learning-rate sweep packs too.
+Optimizer settings may differ inside a pack: replicas with different settings form separate
+cohorts (each one stacked model with one optimizer), so a learning-rate sweep packs too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -51,6 +50,8 @@ def pack_key(cfg: DictConfig) -> str | None:
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "net": OmegaConf.to_container(cfg.model.net, resolve=True),
         "num_samples": cfg.model.num_samples,
+        "antithetic": cfg.model.get("antithetic", False),
+        "train_model": cfg.model.get("train_model", True),
         "accelerator": trainer.get("accelerator"),
         "precision": str(trainer.get("precision", "32-true")),
     }
@@ -74,29 +75,17 @@ def plan_packs(keys: Sequence[str | None], max_pack_size: int) -> list[list[int]
     return packs
 
 
-def use_batched(option: str | bool, cfg: DictConfig) -> bool:
-    """``batched: auto`` means stacked-weight kernels when the pack trains on CUDA."""
-    if option == "auto":
-        accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-        return accelerator in ("gpu", "cuda") or (
-            accelerator == "auto" and torch.cuda.is_available()
-        )
-    return bool(option)
-
-
-def check_options(max_pack_size: Any, batched: Any) -> None:
+def check_options(max_pack_size: Any) -> None:
     if isinstance(max_pack_size, bool) or not isinstance(max_pack_size, int) or max_pack_size < 1:
         raise ConfigError(
             f"hydra.launcher.max_pack_size={max_pack_size!r}: must be an integer >= 1"
         )
-    if batched not in ("auto", True, False):
-        raise ConfigError(f"hydra.launcher.batched={batched!r}: must be auto, true or false")
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
     """The launcher's ``launch``: returns one ``JobReturn`` per job, in sweep order."""
     try:
-        check_options(launcher.max_pack_size, launcher.batched)
+        check_options(launcher.max_pack_size)
     except ConfigError as err:  # before any job: one line and the config error's exit code
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
@@ -121,10 +110,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     returns: list[JobReturn | None] = [None] * len(configs)
     for number, members in enumerate(packs, 1):
-        batched = use_batched(launcher.batched, configs[members[0]])
-        log.info("Pack %d: training %d jobs together (%s)", number, len(members),
-                 "stacked weights" if batched else "one replica after another")  # fmt: skip
-        pack = Pack(batched=batched)
+        log.info("Pack %d: training %d jobs as one batched model", number, len(members))
+        pack = Pack()
         jobs = [
             (
                 names[i],

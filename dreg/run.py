@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from dreg.build import build, build_trainer
+from dreg.build import build, build_trainer, train_seconds
 from dreg.checkpointing import load_checkpoint, load_net_weights
 from dreg.config import validate
 from dreg.errors import (
@@ -30,7 +30,7 @@ from dreg.errors import (
     RunError,
 )
 from dreg.files import write_json
-from dreg.loggers import continue_loggers
+from dreg.loggers import continue_loggers, summarize_wandb
 from dreg.pack import current_pack
 from dreg.records import RunFolder, check_resume_compatible, experiment_config, is_main_process
 
@@ -132,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "status": "preempted",
             "global_step": trainer.global_step,
             "checkpoint": "checkpoints/last.ckpt",
-            "train_seconds": module.train_seconds(),
+            "train_seconds": train_seconds(trainer),
             "git_commit": commit,
         }
         if trainer.is_global_zero:
@@ -140,7 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return status
     # Read before testing: trainer.test() replaces the callback metrics.
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
-    train_seconds = module.train_seconds()
+    elapsed = train_seconds(trainer)
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)[0]
@@ -150,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{k: float(v) for k, v in test_results.items() if k != "step"},
         "global_step": trainer.global_step,
         # In a pack, the wall time of the pack's training, which its jobs share (pack_size).
-        "train_seconds": train_seconds,
+        "train_seconds": elapsed,
         "pack_size": pack.size if (pack := current_pack()) is not None else 1,
         "git_commit": commit,
         "tested_checkpoint": relative(best, output_dir) if best else "final weights",
@@ -158,6 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         log.info("test metrics: %s", json.dumps(metrics))
+    summarize_wandb(trainer.loggers, metrics, best or None)  # W&B dashboards: the run summary
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             run_dir = Path(logger.experiment.dir).parent

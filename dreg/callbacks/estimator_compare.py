@@ -3,8 +3,8 @@
 Tucker et al. (2019) compare estimators along *one* trajectory: at every step, the gradients
 that IWAE, STL and DReG would give on the same batch and the same latent samples as the
 training step, none of them applied. This callback replays the training step's forward
-pass: it saves the RNG state when the batch starts and, before the optimizer step, restores
-it and calls ``net.particles`` again, which redraws the very same noise. Each listed
+pass: before the optimizer step it calls ``net.particles`` again with the step's binarized
+batch and latent noise (``step_inputs``, kept by the module). Each listed
 estimator's inference gradient then comes from ``torch.autograd.grad`` of its surrogate
 (``.grad`` and DDP's reducer are untouched), is averaged over ranks (the global-batch
 gradient, like the p.grad that :class:`~dreg.callbacks.GradientStatistics` sees) and folded
@@ -51,7 +51,6 @@ class EstimatorComparison(pl.Callback):
         self.ema = {name: EMAMoments(decay) for name in self.names}
         self.estimators: list[Estimator] = []
         self.last_metrics: dict[str, float] = {}
-        self._batch, self._rng = None, None
 
     def state_dict(self) -> dict:
         # Saved in checkpoints, so a resumed run continues the same moving averages.
@@ -72,24 +71,12 @@ class EstimatorComparison(pl.Callback):
         for estimator in self.estimators:  # fail at set-up, not at the first logged step
             check_num_samples(type(estimator), pl_module.num_samples)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
-    ) -> None:
-        device = pl_module.device
-        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self._batch, self._rng = batch, (torch.get_rng_state(), cuda)
-
-    def _replay_particles(self, pl_module: pl.LightningModule):
-        device = pl_module.device
-        cpu_state, cuda_state = self._rng
-        with torch.random.fork_rng(devices=[device.index or 0] if cuda_state is not None else []):
-            torch.set_rng_state(cpu_state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state(cuda_state, device)
-            batch = self._batch
-            return pl_module.net.particles(
-                batch.x, pl_module.num_samples, batch.context, pl_module.antithetic
-            )
+    @staticmethod
+    def _replay_particles(pl_module: pl.LightningModule):
+        """The step's particles again: its binarized batch and its latent noise
+        (``pl_module.step_inputs``, set by :mod:`dreg.step` before this hook)."""
+        x, context, eps = pl_module.step_inputs
+        return pl_module.net.particles(x, pl_module.num_samples, context, noise=eps)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

@@ -55,10 +55,10 @@ class Batch:
 class BatchGroup:
     """The training batches of one call that performs ``len(group)`` optimizer steps.
 
-    Holds row indices, not pixels: batch ``i`` is gathered from the on-device split and
-    binarized only when step ``i`` asks for it (:meth:`binarized`), so the random draws come
-    in the order of one batch per call (binarize, sample, binarize, sample, ...), and a
-    captured CUDA step can do the gather itself from the same indices.
+    Holds row indices, not pixels: :mod:`dreg.step` gathers batch ``i`` from the on-device
+    split and binarizes it with the job's own generator when step ``i`` runs, so the random
+    draws come in the order of one batch per call (binarize, sample, binarize, sample, ...),
+    and a captured CUDA step can do the gather itself from the same indices.
 
     :ivar rows: ``[n, B]`` row indices into ``data``.
     :ivar data: ``[N, D]`` grey levels of the training split, on the training device.
@@ -78,10 +78,6 @@ class BatchGroup:
 
     def __len__(self) -> int:
         return self.rows.shape[0]
-
-    def binarized(self, i: int) -> Batch:
-        """Batch ``i``, dynamically binarized now (a fresh Bernoulli draw)."""
-        return self.split(torch.bernoulli(self.data[self.rows[i]]))
 
     def return_unused(self, batches: int) -> None:
         """The last ``batches`` were not trained on (a stop signal or max_steps cut in)."""
@@ -222,9 +218,7 @@ class BinarizedDataModule(pl.LightningDataModule):
         self.train_batches = ShuffledBatches(
             self.splits["train"], self.batch_size, torch.initial_seed(), rank, world
         )
-        if self.steps_per_call > 1:
-            return GroupedBatches(self.train_batches, self.steps_per_call, self.group_boundaries)
-        return self.train_batches
+        return GroupedBatches(self.train_batches, self.steps_per_call, self.group_boundaries)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -233,16 +227,13 @@ class BinarizedDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Batch | BatchGroup:
-        if self.trainer is not None and self.trainer.training and self.steps_per_call > 1:
+        if self.trainer is not None and self.trainer.training:
+            # Row indices of the next steps' batches: gathered and binarized by the step.
             first = self.train_batches.consumed
             self.train_batches.mark_consumed(batch.shape[0])
             return BatchGroup(
                 batch, self.splits["train"], first, self.split_context, self.train_batches
             )
-        if self.trainer is not None and self.trainer.training:
-            if self.train_batches is not None:
-                self.train_batches.mark_consumed()
-            batch = torch.bernoulli(batch)  # dynamic binarization, on the training device
         return self.split_context(batch)
 
     # -- what the model needs to know about the data -----------------------------------------

@@ -28,7 +28,7 @@ class StructMNISTDataModule(MNISTDataModule):
     """MNIST rows split into the context c = top half and the target x = bottom half."""
 
     def split_context(self, images: Tensor) -> Batch:
-        """``[B, 784] -> Batch(x=[B, 392] bottom half, context=[B, 392] top half)``."""
+        """``[..., 784] -> Batch(x=[..., 392] bottom half, context=[..., 392] top half)``."""
         if images.shape[-1] != SIDE * SIDE:
             raise ValueError(f"struct-MNIST expects [B, 784] images, got {tuple(images.shape)}")
-        return Batch(x=images[:, CONTEXT_DIM:], context=images[:, :CONTEXT_DIM])
+        return Batch(x=images[..., CONTEXT_DIM:], context=images[..., :CONTEXT_DIM])

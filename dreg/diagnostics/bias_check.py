@@ -26,9 +26,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import WandbLogger
 from scipy import stats
 from torch import Tensor
 
@@ -41,6 +43,9 @@ from dreg.diagnostics.job import (
 from dreg.estimators import estimator_by_name
 from dreg.gradients import group_gradients, group_parameters, tensor_slices
 from dreg.seeds import derived_seed, seeded
+
+matplotlib.use("Agg")  # files only; no display on clusters
+import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +193,55 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         path = Path(cfg.paths.output_dir) / "bias_check.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
-        metrics = {"bias/t": agg["t"], "bias/p_value": agg["p_value"]}
-        metrics |= {f"bias/{r['name']}/t": r["t"] for r in report["per_tensor"]}
-        for logger in rank_zero_loggers(cfg, job):
-            logger.log_metrics(metrics, step=0)
-            logger.finalize("success")
+        log_results(cfg, job, report)
     return {"bias/t": report["aggregate"]["t"], "bias/p_value": report["aggregate"]["p_value"]}
+
+
+# -- the loggers ------------------------------------------------------------------------------
+T_COLUMNS = ["test", "numel", "t", "p_value", "mean", "std_error", "holm_reject"]
+
+
+def t_table(report: dict[str, Any]) -> list[list[Any]]:
+    """One row per t-test: the aggregate, every tensor, and the original all-coordinate mean
+    (which is not part of the Holm family: its ``holm_reject`` is empty)."""
+    numel = sum(r["numel"] for r in report["per_tensor"])
+    tests = [
+        {"name": "aggregate", "numel": numel, **report["aggregate"]},
+        *report["per_tensor"],
+        {"name": "all_coordinate_mean", "numel": numel, **report["all_coordinate_mean"]},
+    ]
+    return [[r["name"], r["numel"], *(r[c] for c in T_COLUMNS[2:6]), r.get("holm_reject")]
+            for r in tests]  # fmt: skip
+
+
+def t_plot(report: dict[str, Any]) -> plt.Figure:
+    """The t statistic of every test, rejected ones (Holm) in red: where a bias lies."""
+    rows = t_table(report)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
+    colors = ["tab:red" if r[-1] else "tab:blue" if r[-1] is False else "grey" for r in rows]
+    ax.barh([r[0] for r in rows], [r[2] for r in rows], color=colors)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("t (red: rejected by Holm at alpha)")
+    ax.set_title(f"{report['estimator']} vs {report['reference']}: {report['verdict']}")
+    fig.tight_layout()
+    return fig
+
+
+def log_results(cfg: DictConfig, job: DiagnosticJob, report: dict[str, Any]) -> None:
+    """The t statistics as metrics; for W&B also a table, a plot and the verdict in the run's
+    summary (its run is finished, so the summary is complete on disk)."""
+    agg = report["aggregate"]
+    metrics = {"bias/t": agg["t"], "bias/p_value": agg["p_value"]}
+    metrics |= {f"bias/{r['name']}/t": r["t"] for r in report["per_tensor"]}
+    for logger in rank_zero_loggers(cfg, job):
+        logger.log_metrics(metrics, step=0)
+        if isinstance(logger, WandbLogger):
+            logger.log_table("bias/t_tests", columns=T_COLUMNS, data=t_table(report))
+            fig = t_plot(report)
+            logger.log_image("bias/t_plot", images=[fig])
+            plt.close(fig)
+            logger.experiment.summary.update({"bias/verdict": report["verdict"]})
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()

@@ -141,7 +141,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
 
 
 def log_results(cfg: DictConfig, job: DiagnosticJob, rows: list[dict], png: Path) -> None:
-    """Every row as metrics at step K; for W&B also a table and the image."""
+    """Every row as metrics at step K; for W&B also a table and the image (its run is then
+    finished, so what it logged is complete on disk)."""
     for logger in rank_zero_loggers(cfg, job):
         for r in rows:
             prefix = f"diagnose/{r['estimator']}/{r['group']}"
@@ -152,6 +153,8 @@ def log_results(cfg: DictConfig, job: DiagnosticJob, rows: list[dict], png: Path
                              data=[[r[c] for c in COLUMNS] for r in rows])  # fmt: skip
             logger.log_image("diagnose/snr_vs_k_plot", images=[str(png)])
         logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -20,7 +20,7 @@ them as the reference that the routed gradients must equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,12 +37,15 @@ class Particles:
     :ivar log_q_stop_z: ``[K, B]`` log q(stop(z_k); mu, sigma): the direct (score) term.
     :ivar z_for_p: ``[K, B, *event]`` the alias of z that feeds log p; the routing hook sits
         here. Models build Particles with :func:`dreg.library.make_particles`.
+    :ivar routed: set by :func:`routed_loss` when it registers its hook on ``z_for_p``; a
+        second hook would rescale the path gradient twice, so a second call is refused.
     """
 
     log_p: Tensor
     log_q_stopped: Tensor
     log_q_stop_z: Tensor
     z_for_p: Tensor
+    routed: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def log_w(self) -> Tensor:
@@ -76,7 +79,8 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
 
     Decoder/prior parameters receive ``grad(model_loss)``, encoder parameters
     ``grad(inference_loss)`` of :func:`surrogate_losses`. Registers a gradient hook on
-    ``particles.z_for_p``: call once per forward pass.
+    ``particles.z_for_p``: call once per forward pass (a second call raises ``ValueError``:
+    hooks accumulate, so the path gradient would be rescaled by (a_k / m_k)^2).
 
     :param train_model: ``False`` when the decoder is frozen: then only the inference
         gradient matters and the model coefficients are replaced by ones.
@@ -93,6 +97,14 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
     else:
         model = torch.ones_like(path)
     if particles.z_for_p.requires_grad:
+        if particles.routed:
+            raise ValueError(
+                "routed_loss was already called on these Particles: its gradient hook on "
+                "z_for_p would rescale the path gradient a second time; build new Particles "
+                "(another model pass) for each routed loss, or use surrogate_losses to compare "
+                "several estimators on one pass"
+            )
+        particles.routed = True
         # [K, B, 1, ...]: one factor per sample, broadcast over z's event dims (any number).
         event_dims = (1,) * (particles.z_for_p.dim() - path.dim())
         ratio = (path / model).reshape(*path.shape, *event_dims)

@@ -17,13 +17,11 @@ from omegaconf import DictConfig
 class PackedLauncher(Launcher):
     """Options (``conf/hydra/launcher/packed.yaml``).
 
-    :param max_pack_size: most jobs in one pack (memory grows with it).
-    :param batched: ``auto`` (stacked-weight kernels on CUDA, one replica after another on
-        CPU), ``true`` or ``false``; see :mod:`dreg.pack`.
+    :param max_pack_size: most jobs in one pack (memory grows with it); see :mod:`dreg.pack`.
     """
 
-    def __init__(self, max_pack_size: int = 48, batched: str | bool = "auto") -> None:
-        self.max_pack_size, self.batched = max_pack_size, batched
+    def __init__(self, max_pack_size: int = 48) -> None:
+        self.max_pack_size = max_pack_size
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None

@@ -1,0 +1,473 @@
+"""The training step, written once: forward, estimator, routed backward, non-finite policy,
+gradient clipping and optimizer step for M >= 1 replicas of one model.
+
+Every way dreg trains goes through :class:`Replicas`: a run alone (M = 1, every call of
+``DReGModule.training_step``, N steps per call or one), the captured CUDA graph
+(:mod:`dreg.captured_step` records :meth:`Replicas.step`) and a pack of jobs
+(:mod:`dreg.pack`, M > 1).
+
+How the replicas are held:
+
+* **Alone** (:meth:`Replicas.alone`): the module's own parameters, seen as ``[1, ...]``
+  views, and its own optimizer. Nothing is copied; Lightning's checkpoints, DDP's gradient
+  hooks and every callback see the module as they always did.
+* **Stacked** (:meth:`Replicas.stacked`): each parameter of the M jobs stacked into one
+  ``[M, ...]`` leaf tensor, and one optimizer (built by the jobs' shared optimizer factory)
+  over the stacked tensors. Elementwise optimizers (Adam, AdamW, SGD, RMSprop) applied to
+  a stacked tensor are exactly the M replicas' optimizers at once. :meth:`Replicas.store`
+  copies parameters and optimizer state back into each job after a run of steps, so every
+  job's checkpoints, validation and records are those of an ordinary run.
+
+How a step is computed: the model's own code (``net.propose`` and ``net.log_joint``),
+evaluated for all replicas at once with :func:`torch.func.vmap` over
+:func:`torch.func.functional_call` (or called directly when M = 1). Between the two calls z
+is one physical tensor, so the routing hook of :func:`~dreg.estimators.routed_loss` sits on
+it as for one model: the replicas' particles are laid side by side as a batch of M * B data
+points (``[K, M * B]``), and estimators, which act column by column, need no change.
+
+Random numbers: every replica draws its binarization and latent noise from its own
+``torch.Generator``, outside ``vmap``, in the same order alone or packed, so a job's draws
+do not depend on its pack.
+
+Non-finite values are found on the device, per replica, with no host sync per step: the
+update of a replica whose loss or gradient is not finite is undone (``torch.where`` against
+a copy taken before the optimizer step), and flags record the first bad step and the number
+of skipped ones. Under ``nonfinite=raise`` a replica that went bad stops updating; the host
+reads the flags once per run of steps (:meth:`Replicas.faults`) and fails that job then.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from dreg.estimators import Estimator, GradientWeights, Particles, routed_loss
+from dreg.estimators.ops import iwae_bound
+
+#: ``images [B, D] -> (x [B, Dx], context [B, C] or None)``: a dataset's split of a row.
+Split = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+def draw_noise(
+    shape: Sequence[int], generator: torch.Generator, antithetic: bool, like: Tensor
+) -> Tensor:
+    """``shape = [K, ...]`` standard-normal draws from ``generator``; ``antithetic`` mirrors
+    the first K/2 (eps, -eps), as :func:`dreg.library.antithetic_noise`."""
+    if not antithetic:
+        return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+    half = torch.randn(
+        (shape[0] // 2, *shape[1:]), generator=generator, dtype=like.dtype, device=like.device
+    )
+    return torch.cat([half, -half], dim=0)
+
+
+class _Evaluator(nn.Module):
+    """Lets ``functional_call`` run any method of the net: ``forward(name, *args)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, method: str, *args):
+        return getattr(self.net, method)(*args)
+
+
+@dataclass
+class ReplicaSpec:
+    """What the step needs of one job besides its parameters."""
+
+    estimator: Estimator
+    generator: torch.Generator
+    skip_nonfinite: bool
+
+
+class Replicas:
+    """M replicas of one model, their optimizer, and the training step they take together.
+
+    Build with :meth:`alone` or :meth:`stacked`. After :meth:`step` the device tensors
+    ``objective`` and ``iwae_bound`` ``[M]`` hold each replica's batch means of that step.
+
+    :param net: a net of the replicas' shape (its code is what runs).
+    :param params: name -> ``[M, ...]`` parameter (stacked leaf, or views of a module's own).
+    :param buffers: name -> ``[M, ...]`` buffer.
+    :param optimizer: a torch optimizer over the tensors that the step updates.
+    :param specs: one :class:`ReplicaSpec` per replica.
+    :param num_samples: K.
+    :param antithetic: mirrored latent noise.
+    :param train_model: ``False``: only the inference network trains.
+    :param clip_norm: clip each replica's whole gradient to this 2-norm (``None``: no clip).
+    :param extra: estimator parameters per replica ``(tensor, replica)`` (learned control
+        variates); stepped by ``optimizer`` with the rest.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        optimizer: torch.optim.Optimizer,
+        specs: Sequence[ReplicaSpec],
+        num_samples: int,
+        antithetic: bool = False,
+        train_model: bool = True,
+        clip_norm: float | None = None,
+        extra: Sequence[tuple[Tensor, int]] = (),
+    ) -> None:
+        self.net, self.params, self.buffers = net, params, buffers
+        self.optimizer, self.specs = optimizer, list(specs)
+        self.num_samples, self.antithetic, self.train_model = num_samples, antithetic, train_model
+        self.clip_norm, self.extra = clip_norm, list(extra)
+        self.size = len(self.specs)
+        first = next(iter(params.values()))
+        self.device = first.device
+        self.noise_dim = int(getattr(net, "noise_dim", getattr(net, "latent_dim", 0)))
+        self.groups = estimator_groups([s.estimator for s in self.specs])
+        skip = [s.skip_nonfinite for s in self.specs]
+        self.skip = torch.tensor(skip, device=self.device)
+        # Device flags, reset by start_run: a run of steps reads them once (faults()).
+        self.alive = torch.ones(self.size, dtype=torch.bool, device=self.device)
+        self.first_bad = torch.full((self.size,), -1, dtype=torch.long, device=self.device)
+        self.skipped = torch.zeros(self.size, dtype=torch.long, device=self.device)
+        self.step_in_run = torch.zeros((), dtype=torch.long, device=self.device)
+        self.objective = torch.zeros(self.size, device=self.device)
+        self.iwae_bound = torch.zeros(self.size, device=self.device)
+        self.last: tuple[Tensor, Tensor | None, Tensor] | None = None  # (x, context, eps)
+        # replica -> called with the gradients in place, before the update (grad_stats).
+        self.observers: dict[int, Callable[[], None]] = {}
+        self.owns_copies = False  # stacked copies, written back to the jobs by store()
+        if self.size == 1:
+            self._propose, self._log_joint = net.propose, net.log_joint
+        else:
+            evaluator = _Evaluator(net)
+            prefixed = {f"net.{k}": v for k, v in params.items()}
+            buffered = {f"net.{k}": v for k, v in buffers.items()}
+
+            def call(method, p, b, *args):
+                return functional_call(evaluator, (p, b), (method, *args))
+
+            self._stacked = (prefixed, buffered)
+            self._call = call
+            self._vmapped: dict[bool, tuple[Callable, Callable]] = {}
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def alone(
+        cls, module, optimizer: torch.optim.Optimizer, generator: torch.Generator, **kwargs
+    ) -> Replicas:
+        """One job, trained in place: its own parameters and optimizer."""
+        net = module.net
+        params = {k: p.unsqueeze(0) for k, p in net.named_parameters()}
+        buffers = {k: b.unsqueeze(0) for k, b in net.named_buffers()}
+        spec = ReplicaSpec(module.estimator, generator, module.nonfinite == "skip")
+        extra = [(p, 0) for p in module.estimator.parameters() if p.requires_grad]
+        return cls(net, params, buffers, optimizer, [spec], extra=extra, **kwargs)
+
+    @classmethod
+    def stacked(
+        cls,
+        modules: Sequence,
+        optimizers: Sequence[torch.optim.Optimizer],
+        generators: Sequence[torch.Generator],
+        **kwargs,
+    ) -> Replicas:
+        """M jobs as stacked copies (see :meth:`store`); one optimizer from the first job's
+        factory, which every job of a cohort shares."""
+        nets = [m.net for m in modules]
+        params, buffers = stack_module_state(nets)
+        for name, p in nets[0].named_parameters():
+            params[name].requires_grad_(p.requires_grad)
+        specs = [
+            ReplicaSpec(m.estimator, g, m.nonfinite == "skip")
+            for m, g in zip(modules, generators, strict=True)
+        ]
+        extra = [
+            (p, i)
+            for i, m in enumerate(modules)
+            for p in m.estimator.parameters()
+            if p.requires_grad
+        ]
+        groups = parameter_groups(nets[0], params, modules[0].train_model)
+        if extra:
+            groups.append({"params": [p for p, _ in extra], "name": "estimator"})
+        optimizer = modules[0].make_optimizer(groups)
+        replicas = cls(nets[0], params, buffers, optimizer, specs, extra=extra, **kwargs)
+        replicas.owns_copies = True
+        replicas._load_optimizer_states(nets, optimizers)
+        return replicas
+
+    def _pairs(self, nets: Sequence[nn.Module]) -> list[tuple[Tensor, list[Tensor]]]:
+        """(stacked tensor, each job's tensor) for every trained parameter."""
+        named = [dict(n.named_parameters()) for n in nets]
+        return [(p, [n[name] for n in named]) for name, p in self.params.items()]
+
+    def _load_optimizer_states(self, nets, optimizers) -> None:
+        for stacked, own in self._pairs(nets):
+            states = [opt.state.get(p) for opt, p in zip(optimizers, own, strict=True)]
+            if not states[0]:
+                continue
+            self.optimizer.state[stacked] = {
+                key: torch.stack([s[key] for s in states])
+                if isinstance(value, Tensor) and value.shape == own[0].shape
+                else (value.clone() if isinstance(value, Tensor) else value)
+                for key, value in states[0].items()
+            }
+        for tensor, m in self.extra:
+            state = optimizers[m].state.get(tensor)
+            if state:
+                self.optimizer.state[tensor] = state
+
+    @torch.no_grad()
+    def store(self, modules: Sequence, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Copy every replica's parameters and optimizer state into its job (stacked only)."""
+        if not self.owns_copies:
+            return
+        nets = [m.net for m in modules]
+        for stacked, own in self._pairs(nets):
+            state = self.optimizer.state.get(stacked, {})
+            for m, (p, opt) in enumerate(zip(own, optimizers, strict=True)):
+                p.copy_(stacked[m])
+                if state:
+                    opt.state[p] = {
+                        key: value[m].clone()
+                        if isinstance(value, Tensor) and value.shape == stacked.shape
+                        else (value.clone() if isinstance(value, Tensor) else value)
+                        for key, value in state.items()
+                    }
+        for tensor, m in self.extra:
+            if tensor in self.optimizer.state:
+                optimizers[m].state[tensor] = self.optimizer.state[tensor]
+
+    # -- one step ------------------------------------------------------------------------------
+    def start_run(self) -> None:
+        """Reset the per-run flags (a run: the steps between two host reads)."""
+        self.first_bad.fill_(-1)
+        self.skipped.zero_()
+        self.step_in_run.zero_()
+        self.alive.fill_(True)
+
+    def particles(self, x: Tensor, context: Tensor | None, eps: Tensor) -> Particles:
+        """Particles of every replica, side by side: ``log_p`` etc. ``[K, M * B]``.
+
+        :param x: ``[M, B, Dx]``; ``context``: ``[M, B, C]`` or ``None``; ``eps``:
+            ``[M, K, B, noise_dim]``.
+        """
+        m, b = x.shape[:2]
+        k = eps.shape[1]
+        if self.size == 1:
+            z, log_q_stopped, log_q_stop_z = self._propose(
+                x[0], None if context is None else context[0], eps[0]
+            )
+            z_for_p = z.view_as(z)
+            log_p = self.net.log_joint(x[0], z_for_p, None if context is None else context[0])
+            return Particles(log_p, log_q_stopped, log_q_stop_z, z_for_p)
+        params, buffers = self._stacked
+        propose, log_joint = self._vmapped_calls(context is not None)
+        z, log_q_stopped, log_q_stop_z = propose(params, buffers, x, context, eps)
+        z_flat = z.transpose(0, 1).reshape(k, m * b, z.shape[-1])
+        z_for_p = z_flat.view_as(z_flat)  # the routing hook's tensor
+        z_in = z_for_p.reshape(k, m, b, -1).transpose(0, 1)
+        log_p = log_joint(params, buffers, x, z_in, context)
+
+        def side_by_side(t: Tensor) -> Tensor:  # [M, K, B] -> [K, M * B]
+            return t.transpose(0, 1).reshape(k, m * b)
+
+        return Particles(
+            side_by_side(log_p), side_by_side(log_q_stopped), side_by_side(log_q_stop_z), z_for_p
+        )
+
+    def _vmapped_calls(self, with_context: bool) -> tuple[Callable, Callable]:
+        """``net.propose`` and ``net.log_joint`` over the replicas (dim 0 of every input;
+        an absent context is not mapped)."""
+        if with_context not in self._vmapped:
+            c = 0 if with_context else None
+            self._vmapped[with_context] = (
+                vmap(functools.partial(self._call, "propose"), in_dims=(0, 0, 0, c, 0)),
+                vmap(functools.partial(self._call, "log_joint"), in_dims=(0, 0, 0, 0, c)),
+            )
+        return self._vmapped[with_context]
+
+    def weights(self, log_w: Tensor) -> GradientWeights:
+        """Each replica's estimator on its own columns of ``log_w [K, M * B]``."""
+        b = log_w.shape[1] // self.size
+        parts = [
+            estimator(log_w[:, start * b : stop * b]) for estimator, start, stop in self.groups
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        aux = [p.aux_loss for p in parts if p.aux_loss is not None]
+        return GradientWeights(
+            objective=torch.cat([p.objective for p in parts]),
+            model=torch.cat([p.model for p in parts], dim=1),
+            path=torch.cat([p.path for p in parts], dim=1),
+            score=torch.cat([p.score for p in parts], dim=1),
+            aux_loss=torch.stack(aux).sum() if aux else None,
+        )
+
+    def draw(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Binarization ``[M, B, D]`` and latent noise ``[M, K, B, noise_dim]``, each replica
+        from its own generator (binarize first, then sample, as steps always have)."""
+        bits, eps = [], []
+        shape = (self.num_samples, images.shape[1], self.noise_dim)
+        for m, spec in enumerate(self.specs):
+            bits.append(torch.bernoulli(images[m], generator=spec.generator))
+            eps.append(draw_noise(shape, spec.generator, self.antithetic, images))
+        return torch.stack(bits), torch.stack(eps)
+
+    def step(self, images: Tensor, split: Split, backward: Callable[[Tensor], None]) -> None:
+        """One optimizer step of every replica on grey-level ``images [M, B, D]``.
+
+        :param split: a row of binarized pixels -> ``(x, context)``.
+        :param backward: runs the backward of the loss (Lightning's ``manual_backward``
+            alone, so DDP and precision plugins see it; ``Tensor.backward`` stacked).
+        """
+        bits, eps = self.draw(images)
+        x, context = split(bits)
+        self.last = (x, context, eps)
+        particles = self.particles(x, context, eps)
+        weights = self.weights(particles.log_w)
+        aux, weights.aux_loss = weights.aux_loss, None
+        # routed_loss averages over the M * B columns; each replica's loss is its batch mean.
+        loss = routed_loss(particles, weights, self.train_model) * self.size
+        if aux is not None:
+            loss = loss + aux
+        self.optimizer.zero_grad()
+        backward(loss)
+        sq_norm = self._per_replica_sq_norm()
+        ok = self._finite(particles, sq_norm) & self.alive
+        self._clip(sq_norm)
+        for m, observe in self.observers.items():
+            observe(m)
+        self._masked_update(ok)
+        self._record(ok, weights.objective, particles.log_w)
+
+    # -- parts of a step ---------------------------------------------------------------------
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params.values() if p.grad is not None]
+
+    def _per_replica_sq_norm(self) -> Tensor:
+        """``[M]`` squared 2-norm of each replica's whole gradient."""
+        total = torch.zeros(self.size, device=self.device)
+        for g in self._grads():
+            total = total + g.reshape(self.size, -1).float().square().sum(1)
+        for tensor, m in self.extra:
+            if tensor.grad is not None:
+                total[m] = total[m] + tensor.grad.float().square().sum()
+        return total
+
+    def _finite(self, particles: Particles, sq_norm: Tensor) -> Tensor:
+        """``[M]``: the replica's loss terms and its gradient are all finite (a replica's
+        loss is a sum of its own columns, so another replica's NaN cannot reach it)."""
+        b = particles.log_p.shape[1] // self.size
+        terms = (
+            particles.log_p.detach()
+            - particles.log_q_stopped.detach()
+            + particles.log_q_stop_z.detach()
+        )
+        finite_terms = torch.isfinite(terms.reshape(terms.shape[0], self.size, b)).all(2).all(0)
+        return finite_terms & torch.isfinite(sq_norm)
+
+    def _clip(self, sq_norm: Tensor) -> None:
+        if self.clip_norm is None:
+            return
+        norm = sq_norm.sqrt()
+        factor = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_
+        for g in self._grads():
+            g.mul_(factor.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+        for tensor, m in self.extra:
+            if tensor.grad is not None:
+                tensor.grad.mul_(factor[m].to(tensor.grad.dtype))
+
+    def _state_tensors(self) -> list[tuple[Tensor, int | None]]:
+        """Every tensor the optimizer step changes, with its replica (``None``: stacked)."""
+        out = []
+        for p in self.params.values():
+            if not p.requires_grad:
+                continue
+            out.append((p, None))
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    out.append((value, None))
+        for tensor, m in self.extra:
+            out.append((tensor, m))
+            for value in self.optimizer.state.get(tensor, {}).values():
+                if isinstance(value, Tensor) and value.shape == tensor.shape:
+                    out.append((value, m))
+        return out
+
+    @torch.no_grad()
+    def _masked_update(self, ok: Tensor) -> None:
+        """The optimizer step, undone for replicas whose ``ok`` is false (a copy of what the
+        step changes costs about what Adam's own update costs; no host sync)."""
+        before = [(t, t.detach().clone(), m) for t, m in self._state_tensors()]
+        self.optimizer.step()
+        for tensor, saved, m in before:
+            keep = ok[m] if m is not None else ok.reshape(-1, *([1] * (tensor.dim() - 1)))
+            tensor.copy_(torch.where(keep, tensor, saved))
+
+    @torch.no_grad()
+    def _record(self, ok: Tensor, objective: Tensor, log_w: Tensor) -> None:
+        bad = ~ok
+        first = bad & (self.first_bad < 0) & self.alive
+        self.first_bad.copy_(torch.where(first, self.step_in_run, self.first_bad))
+        self.skipped.add_((bad & self.alive & self.skip).long())
+        # Under raise a replica that went bad stops updating: its job fails at the next read.
+        self.alive &= ok | self.skip
+        self.step_in_run.add_(1)
+        self.objective.copy_(objective.reshape(self.size, -1).mean(1))
+        bound = iwae_bound(log_w)
+        self.iwae_bound.copy_(bound.reshape(self.size, -1).mean(1))
+
+    def inputs_of(self, m: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Replica ``m``'s last step: binarized x, context and latent noise ``[K, B, D]``."""
+        x, context, eps = self.last
+        return x[m], None if context is None else context[m], eps[m]
+
+    def faults(self) -> tuple[list[int], list[int]]:
+        """Per replica ``(first bad step of the run or -1, skipped steps)``: one host read."""
+        first, skipped = torch.stack([self.first_bad, self.skipped]).tolist()
+        return [int(f) for f in first], [int(s) for s in skipped]
+
+
+def parameter_groups(net: nn.Module, params: dict[str, Tensor], train_model: bool) -> list[dict]:
+    """The optimizer's groups (``model`` then ``inference``) over ``params`` by name."""
+    model_ids = {id(p) for p in net.model_parameters()}
+    names = {id(p): name for name, p in net.named_parameters()}
+    model = [params[names[id(p)]] for p in net.model_parameters()]
+    inference = [params[name] for name, p in net.named_parameters() if id(p) not in model_ids]
+    groups = [{"params": inference, "name": "inference"}]
+    if train_model:
+        groups.insert(0, {"params": model, "name": "model"})
+    return groups
+
+
+def estimator_groups(estimators: Sequence[Estimator]) -> list[tuple[Estimator, int, int]]:
+    """``(estimator, first replica, end)`` for runs of replicas whose estimators compute the
+    same coefficients: one call per run. Estimators with parameters get a call each."""
+    groups: list[tuple[Estimator, int, int]] = []
+    for i, estimator in enumerate(estimators):
+        if groups and not any(True for _ in estimator.parameters()):
+            last, start, _ = groups[-1]
+            if same_estimator(last, estimator):
+                groups[-1] = (last, start, i + 1)
+                continue
+        groups.append((estimator, i, i + 1))
+    return groups
+
+
+def same_estimator(a: Estimator, b: Estimator) -> bool:
+    """Same class and settings, and no parameters of their own."""
+    if type(a) is not type(b) or any(True for _ in a.parameters()):
+        return False
+    return (
+        repr(a) == repr(b)
+        and vars(a).get("_buffers") == vars(b).get("_buffers")
+        and (
+            {k: v for k, v in vars(a).items() if not k.startswith("_")}
+            == {k: v for k, v in vars(b).items() if not k.startswith("_")}
+        )
+    )
