@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import math
 import os
 import time
@@ -207,31 +208,32 @@ class PackedLoop:
         synchronize(self.device)
         return time.perf_counter() - start, time.process_time() - cpu
 
-    def seconds(self, steps: int, warmup: int = 3) -> float:
-        """Wall time of ``steps`` steps after ``warmup`` (synchronized on CUDA)."""
-        return self.timed(steps, warmup)[0]
-
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def model_steps_per_second(m: int, device: str, steps: int, warmup: int = 3, **kwargs) -> float:
-    """Aggregate throughput: replica steps per second of a pack of ``m``."""
-    loop = PackedLoop(m, device, **kwargs)
-    return m * steps / loop.seconds(steps, warmup)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--m", type=int, default=8)
+    parser.add_argument("--m", type=int, default=8, help="replicas (1: a run alone)")
     parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--latent", type=int, default=50)
+    parser.add_argument("--hidden", default="200,200", help="hidden widths, comma-separated")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
-    rate = model_steps_per_second(args.m, args.device, args.steps, k=args.num_samples)
-    print(f"M={args.m}: {rate:.1f} model-steps/s, {1000 / rate:.1f} ms per replica-step")
+    hidden = tuple(int(h) for h in args.hidden.split(","))
+    loop = PackedLoop(args.m, args.device, k=args.num_samples, hidden=hidden, latent=args.latent)
+    seconds, cpu_seconds = loop.timed(args.steps)
+    steps = args.m * args.steps
+    row = {"model_steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
+           "rate": steps / seconds}  # fmt: skip
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(f"M={args.m}: {row['rate']:.1f} model-steps/s, {1000 / row['rate']:.2f} ms each")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,12 @@ class CapturedStep:
     def capture(self) -> None:
         replicas, device = self.replicas, self.data.device
         optimizer = replicas.optimizer
-        tensors = [t for t, _ in replicas._state_tensors()]
+        # Everything the warm-up changes: parameters and every optimizer state tensor (Adam's
+        # step count included, which _state_tensors leaves out).
+        tensors = {id(t): t for t, _ in replicas._state_tensors()}
+        for state in optimizer.state.values():
+            tensors.update({id(v): v for v in state.values() if isinstance(v, Tensor)})
+        tensors = list(tensors.values())
         saved = [t.detach().clone() for t in tensors]
         had_state = bool(optimizer.state)
         generators = [spec.generator for spec in replicas.specs]

@@ -74,6 +74,13 @@ def validate(cfg: DictConfig) -> None:
             "clip manually optimized steps, which every dreg step is; use "
             f"model.clip_grad_norm={cfg.trainer.gradient_clip_val} instead"
         )
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate}: every dreg step is one optimizer "
+            "step on one batch (manually optimized, which Lightning does not accumulate); "
+            f"set a larger dataset.batch_size instead (e.g. {accumulate} times as large)"
+        )
     policy = model.get("nonfinite", "raise")
     _require(policy in ("raise", "skip"), "model.nonfinite", policy, "raise or skip")
     steps = cfg.trainer.get("max_steps", -1)

@@ -38,8 +38,8 @@ def fallback_reason(trainer: pl.Trainer) -> str | None:
         return "the datamodule does not serve grouped batches"
     if not isinstance(trainer.val_check_interval, int) or trainer.check_val_every_n_epoch:
         return "validation is scheduled by epoch fraction, not by step"
-    if trainer.limit_train_batches not in (1.0, None) or trainer.accumulate_grad_batches != 1:
-        return "limit_train_batches / accumulate_grad_batches count calls, not steps"
+    if trainer.limit_train_batches not in (1.0, None):
+        return "limit_train_batches counts calls, not steps"
     return None
 
 

@@ -115,6 +115,12 @@ class TwoLayerVAE(nn.Module):
         """phi: q(z1 | x) and q(z2 | z1)."""
         return [*self.encoder_z1.parameters(), *self.encoder_z2.parameters()]
 
+    def mlps(self) -> list[nn.Module]:
+        """Every network of the model, each compiled on its own by ``model.compile=true``
+        (``Module.compile`` works in place: state-dict keys stay those of the eager model)."""
+        nets = [self.encoder_z1, self.encoder_z2, self.decoder_z1, self.decoder_x]
+        return nets + ([self.prior] if self.prior is not None else [])
+
     def layer_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The inference parameters per stochastic layer: ``layer1`` = q(z1 | x), ``layer2`` =
         q(z2 | z1). The naive (tensor-detach) DReG is wrong in layer 1's gradient only: the
@@ -205,21 +211,52 @@ class TwoLayerVAE(nn.Module):
         num_samples: int,
         context: Tensor | None = None,
         antithetic: bool = False,
+        noise: Tensor | None = None,
     ) -> Particles:
         """One proposal pass and one generative pass with K samples per data point.
 
         :param antithetic: mirror half of the noise (eps, -eps). Each z_k is still distributed
             as q (z2 is not mirrored itself: it depends on z1), so ``vae``/``iwae`` stay
             unbiased; DReG estimators are refused with it by the config check.
+        :param noise: the standard-normal draws ``[K, B, noise_dim]`` to use (the replay of a
+            training step by ``callbacks.estimator_compare``), instead of fresh ones.
         """
-        weight = self.decoder_x[-1].weight  # the model's dtype and device
-        sampler = antithetic_noise if antithetic else standard_normal_noise
-        shape = torch.Size((num_samples, x.shape[0], self.noise_dim))
-        eps = sampler(shape, weight.dtype, weight.device)
+        if noise is not None:
+            eps = noise
+        else:
+            weight = self.decoder_x[-1].weight  # the model's dtype and device
+            sampler = antithetic_noise if antithetic else standard_normal_noise
+            shape = torch.Size((num_samples, x.shape[0], self.noise_dim))
+            eps = sampler(shape, weight.dtype, weight.device)
         z, log_q_stopped, log_q_stop_z = self.propose(x, context, eps)
         return particles_from_draws(
             z, log_q_stopped, log_q_stop_z, lambda z_for_p: self.log_joint(x, z_for_p, context)
         )
+
+    # -- pictures (dreg.callbacks.images) ------------------------------------------------------
+    @torch.no_grad()
+    def sample_pixels(self, eps: Tensor, context: Tensor | None = None) -> Tensor:
+        """Bernoulli means sigmoid(logits) ``[N, Dx]`` of x for ancestral samples of the prior:
+        z2 ~ p(z2[ | c]), z1 ~ p(z1 | z2[, c]), from the standard-normal draws ``eps``
+        ``[N, noise_dim]`` (z1's first, as in :meth:`propose`) and contexts ``[N, C]``."""
+        eps1, eps2 = eps.split(list(self.latent_dims), dim=-1)
+        c = self._centred_context(context)
+        if c is None:
+            z2 = eps2
+        else:
+            prior_mean, prior_scale = self.prior(c)
+            z2 = prior_mean + prior_scale * eps2
+        mean1, scale1 = self.decoder_z1(self._with_context(z2, c))
+        z1 = mean1 + scale1 * eps1
+        return torch.sigmoid(self.decoder_x(self._with_context(z1, c)))
+
+    @torch.no_grad()
+    def reconstruct_pixels(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Bernoulli means ``[B, Dx]`` of p(x | z1[, c]) at the mean of q(z1 | x[, c]): the
+        one-layer model's reconstruction (decoded posterior mean) for the layer next to x."""
+        c = self._centred_context(context)
+        mean1, _ = self._q1(x, c)
+        return torch.sigmoid(self.decoder_x(self._with_context(mean1, c)))
 
     @torch.no_grad()
     def log_weights(

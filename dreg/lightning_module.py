@@ -112,7 +112,9 @@ class DReGModule(pl.LightningModule):
         self._cadence: tuple[int, int] | None = None  # (val_check_interval, log_every_n_steps)
         self._saved_triggers: tuple | None = None
         if compile:
-            for mlp in (self.net.encoder, self.net.decoder):
+            # A net lists its own networks (TwoLayerVAE.mlps); the one-layer VAE's are these two.
+            mlps = net.mlps() if hasattr(net, "mlps") else (net.encoder, net.decoder)
+            for mlp in mlps:
                 mlp.compile()
         if not train_model:
             for p in self.net.model_parameters():

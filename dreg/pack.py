@@ -42,6 +42,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from torch import Tensor
 
+from dreg.captured_step import CapturedStep
 from dreg.checkpointing import rng_state, set_rng_state
 from dreg.grouped_step import count_optimizer_step, has_gradient_hooks
 from dreg.step import Replicas
@@ -144,6 +145,7 @@ class Pack:
         self._members: list[_Member] = []
         self._stopping = False
         self._cohorts: dict[tuple[int, ...], Replicas] = {}
+        self._captured: dict[tuple[int, ...], CapturedStep] = {}  # model.cuda_graph=true
         self.steps = 0  # joint steps taken (for the log)
 
     @property
@@ -255,8 +257,12 @@ class Pack:
                 break
             for replicas, members in cohorts:
                 rows = torch.stack([r.group.rows[r.offset + taken] for r in members])
-                images = members[0].group.data[rows]
-                replicas.step(images, members[0].module.split, Tensor.backward)
+                captured = self._captured.get(tuple(id(r.module) for r in members))
+                if captured is not None:  # the whole joint step, one graph replay
+                    captured.replay(rows)
+                else:
+                    images = members[0].group.data[rows]
+                    replicas.step(images, members[0].module.split, Tensor.backward)
             for request in requests:
                 count_optimizer_step(request.module.trainer)
             taken += 1
@@ -297,18 +303,28 @@ class Pack:
             replicas = self._cohorts.get(ids)
             if replicas is None:
                 modules = [r.module for r in members]
-                replicas = self._cohorts[ids] = Replicas.stacked(
-                    modules,
-                    [m.optimizers().optimizer for m in modules],
-                    [m.noise for m in modules],
-                    **modules[0].step_settings(),
-                )
+                optimizers = [m.optimizers().optimizer for m in modules]
+                settings = modules[0].step_settings()
+                if len(modules) == 1:  # a cohort of one trains in place, as a run alone
+                    replicas = Replicas.alone(modules[0], optimizers[0], modules[0].noise,
+                                              **settings)  # fmt: skip
+                else:
+                    replicas = Replicas.stacked(
+                        modules, optimizers, [m.noise for m in modules], **settings
+                    )
+                self._cohorts[ids] = replicas
                 for i, module in enumerate(modules):
                     if has_gradient_hooks(module.trainer):
                         replicas.observers[i] = _observer(replicas, module)
+                if modules[0]._captured_wanted:  # set up only without gradient hooks
+                    group = members[0].group
+                    self._captured[ids] = CapturedStep(
+                        replicas, group.data, modules[0].split, group.rows.shape[1]
+                    )
             cohorts.append((replicas, members))
         for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
             del self._cohorts[ids]
+            self._captured.pop(ids, None)
         return cohorts
 
 

@@ -1,7 +1,8 @@
 """What ``hydra/launcher=packed`` does: sort a sweep's jobs into packs and run each pack.
 
 Jobs that can share one batched model (same dataset, network, K, sampling, device and
-precision: :func:`pack_key`) go to one pack of at most ``max_pack_size`` jobs; the others train alone.
+precision: :func:`pack_key`) go to one pack of at most ``max_pack_size`` jobs; the others
+train alone.
 Packs run one after another; inside a pack every job is Hydra's ordinary job
 (``hydra.core.utils.run_job``: its folder, ``.hydra`` configs, callbacks, return value)
 running the ordinary task, in a thread of :class:`dreg.pack.Pack`. Each job writes its own

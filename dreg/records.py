@@ -128,19 +128,47 @@ def _empty_dir(path: Path) -> bool:
 # The config groups that define an experiment; within them, the keys that cannot change what
 # is trained (where data live, evaluation batch sizes and sample counts, compilation).
 EXPERIMENT_GROUPS = ("dataset", "model", "estimator", "seed", "train_model")
-NOT_DEFINING = (
+# The one list of config keys (and key prefixes, ending in ".") that cannot change a run's
+# numbers: where files go, how progress is shown and logged, resuming (exact), and how the
+# same steps are executed. dreg.report groups runs without them; a resume may change them.
+NO_EFFECT = (
+    "paths.",
+    "logger.",
+    "hydra.",
+    "resume",
+    "ckpt_path",
+    "optimized_metric",
     "dataset.data_dir",
     "dataset.prepared_path",
+    "dataset.cache_dir",
+    "dataset.download",
+    "dataset.verify",
+    "dataset.num_workers",
+    "callbacks.progress_bar.",
+    "callbacks.model_checkpoint.dirpath",
+    "callbacks.preemption.",
+    "callbacks.grad_stats.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "model.compile",  # same numbers as eager
+    "model.steps_per_call",  # bitwise the same training (dreg.grouped_step)
+    "model.cuda_graph",  # the same step, replayed
+)
+# Keys that change what evaluation reports, or what a fault does, but not the training of a
+# healthy run: a resume may change them; reports keep them apart.
+EVALUATION_ONLY = (
     "dataset.eval_batch_size",
     "dataset.eval_subset",
-    "dataset.num_workers",
     "model.eval_num_samples",
     "model.eval_chunk_size",
-    "model.compile",
     "model.nonfinite",
-    "model.steps_per_call",  # bitwise the same training (dreg.grouped_step)
-    "model.cuda_graph",
 )
+
+
+def has_no_effect(key: str, extra: tuple[str, ...] = ()) -> bool:
+    """Whether ``key`` is one of :data:`NO_EFFECT` (or ``extra``), as a key or under a prefix."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in NO_EFFECT + extra)
 
 
 def experiment_config(cfg: DictConfig) -> dict[str, Any]:
@@ -154,7 +182,7 @@ def experiment_config(cfg: DictConfig) -> dict[str, Any]:
             _flatten(OmegaConf.to_container(value, resolve=True), group, flat)
         else:
             flat[group] = value
-    return {k: v for k, v in flat.items() if not k.startswith(NOT_DEFINING)}
+    return {k: v for k, v in flat.items() if not has_no_effect(k, EVALUATION_ONLY)}
 
 
 def _flatten(tree: Any, prefix: str, out: dict[str, Any]) -> None:

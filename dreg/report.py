@@ -4,9 +4,10 @@ Reads every run below the sweep directory from its own files (no logger server n
 ``.hydra/config.yaml`` (and the config-group choices in ``.hydra/hydra.yaml``),
 ``metrics.json`` (final test metrics) and ``csv/metrics.csv`` (curves; every logger config
 writes it). Runs are grouped by their whole config except ``seed`` and the keys that cannot
-change results (:data:`IGNORED`), so a group's spread is over seeds only; ``results.md`` names
-the keys that tell the groups apart, gives K and S of each group from its config, flags a group
-with a repeated seed instead of averaging it, and lists runs without curves. The PNG plots
+change results (:data:`dreg.records.NO_EFFECT`), so a group's spread is over seeds only;
+``results.md`` names the keys that tell the groups apart, gives K and S of each group from
+its config, flags a group with a repeated seed instead of averaging it, and lists runs
+without curves. The PNG plots
 show, per dataset, each group's mean over seeds at each step with a min-max band.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dreg.files import atomic_write
+from dreg.records import NO_EFFECT, has_no_effect
 
 CURVES = {
     "val_log_likelihood": ("val/log_likelihood", "validation log-likelihood (nats)", False),
@@ -32,34 +34,9 @@ CURVES = {
 }
 
 K_KEY, S_KEY, SEED_KEY = "model.num_samples", "model.eval_num_samples", "seed"
-# Config keys (and key prefixes, ending in ".") that cannot change a run's results: where
-# files go, how progress is shown and logged, and resuming (which is exact).
-IGNORED = (
-    "paths.",
-    "logger.",
-    "hydra.",
-    "resume",
-    "ckpt_path",
-    "optimized_metric",
-    "dataset.data_dir",
-    "dataset.cache_dir",
-    "dataset.download",
-    "dataset.verify",
-    "callbacks.progress_bar.",
-    "callbacks.model_checkpoint.dirpath",
-    "callbacks.preemption.",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.log_every_n_steps",
-    "callbacks.grad_stats.log_every_n_steps",
-)
 # Config groups whose choice names a setting better than the keys it sets (e.g. estimator=stl
 # instead of estimator._target_=dreg.estimators.STL).
 CHOICE_GROUPS = ("dataset", "estimator", "model", "trainer", "callbacks", "mode")
-
-
-def ignored(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -108,7 +85,7 @@ class Run:
 
     def settings(self) -> dict[str, Any]:
         """The config keys that define this run's results besides the seed."""
-        return {k: v for k, v in self.config.items() if k != SEED_KEY and not ignored(k)}
+        return {k: v for k, v in self.config.items() if k != SEED_KEY and not has_no_effect(k)}
 
 
 def _short_target(config: dict[str, Any], group: str) -> str | None:
@@ -323,7 +300,7 @@ def plot_curves(groups: list[Group], name: str, out: Path) -> Path | None:
 def describe(runs: list[Run], definers: list[str], groups: list[Group]) -> list[str]:
     """The lines above the table: what a row is, and what sets the groups apart."""
     shown = ", ".join(f"`{k}`" for k in definers) or "nothing (one group)"
-    ignored_list = ", ".join(f"`{p}*`" if p.endswith(".") else f"`{p}`" for p in IGNORED)
+    ignored_list = ", ".join(f"`{p}*`" if p.endswith(".") else f"`{p}`" for p in NO_EFFECT)
     return [
         f"{len(runs)} finished runs in {len(groups)} groups. A group is the runs whose "
         "`.hydra/config.yaml` is equal except `seed` (ignoring keys that cannot change "
@@ -350,9 +327,7 @@ def warnings(groups: list[Group], runs: list[Run], sweep_dir: Path) -> list[str]
             f"{', '.join(f'`{n}`' for n in left_out)}."
         )
     no_curves = [f"`{r.name}`" for r in runs if not r.has_csv]
-    lines.append(
-        f"Runs without curves (no csv/metrics.csv): {', '.join(no_curves) or 'none'}."
-    )
+    lines.append(f"Runs without curves (no csv/metrics.csv): {', '.join(no_curves) or 'none'}.")
     return lines
 
 

@@ -117,8 +117,12 @@ class Replicas:
         train_model: bool = True,
         clip_norm: float | None = None,
         extra: Sequence[tuple[Tensor, int]] = (),
+        leaves: Sequence[Tensor] | None = None,
     ) -> None:
         self.net, self.params, self.buffers = net, params, buffers
+        # The tensors that own the gradients and the optimizer state: ``params`` itself when
+        # stacked, the module's parameters (of which ``params`` are views) alone.
+        self.leaves = list(params.values()) if leaves is None else list(leaves)
         self.optimizer, self.specs = optimizer, list(specs)
         self.num_samples, self.antithetic, self.train_model = num_samples, antithetic, train_model
         self.clip_norm, self.extra = clip_norm, list(extra)
@@ -140,7 +144,8 @@ class Replicas:
         # replica -> called with the gradients in place, before the update (grad_stats).
         self.observers: dict[int, Callable[[], None]] = {}
         self.owns_copies = False  # stacked copies, written back to the jobs by store()
-        if self.size == 1:
+        self.direct = self.size == 1 and leaves is not None  # the net's own parameters
+        if self.direct:
             self._propose, self._log_joint = net.propose, net.log_joint
         else:
             evaluator = _Evaluator(net)
@@ -165,7 +170,8 @@ class Replicas:
         buffers = {k: b.unsqueeze(0) for k, b in net.named_buffers()}
         spec = ReplicaSpec(module.estimator, generator, module.nonfinite == "skip")
         extra = [(p, 0) for p in module.estimator.parameters() if p.requires_grad]
-        return cls(net, params, buffers, optimizer, [spec], extra=extra, **kwargs)
+        leaves = list(net.parameters())
+        return cls(net, params, buffers, optimizer, [spec], extra=extra, leaves=leaves, **kwargs)
 
     @classmethod
     def stacked(
@@ -258,7 +264,7 @@ class Replicas:
         """
         m, b = x.shape[:2]
         k = eps.shape[1]
-        if self.size == 1:
+        if self.direct:
             z, log_q_stopped, log_q_stop_z = self._propose(
                 x[0], None if context is None else context[0], eps[0]
             )
@@ -347,7 +353,7 @@ class Replicas:
 
     # -- parts of a step ---------------------------------------------------------------------
     def _grads(self) -> list[Tensor]:
-        return [p.grad for p in self.params.values() if p.grad is not None]
+        return [p.grad for p in self.leaves if p.grad is not None]
 
     def _per_replica_sq_norm(self) -> Tensor:
         """``[M]`` squared 2-norm of each replica's whole gradient."""
@@ -385,7 +391,7 @@ class Replicas:
     def _state_tensors(self) -> list[tuple[Tensor, int | None]]:
         """Every tensor the optimizer step changes, with its replica (``None``: stacked)."""
         out = []
-        for p in self.params.values():
+        for p in self.leaves:
             if not p.requires_grad:
                 continue
             out.append((p, None))

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from dreg.datamodules.binarized import Batch
 from dreg.datamodules.mnist import IMAGE_FILES, MNISTDataModule
 from dreg.datamodules.struct_mnist import CONTEXT_DIM, StructMNISTDataModule
-from dreg.estimators import routed_loss
+from dreg.estimators import IWAE
 from dreg.model import VAE
+from dreg.step import Replicas, ReplicaSpec
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -43,13 +42,15 @@ def mnist() -> MNISTDataModule:
     return dm
 
 
-def binarize_as_in_training(dm: MNISTDataModule, batch: torch.Tensor) -> Batch:
-    """What a training step sees: the hook binarizes only while the trainer is training."""
-    dm.trainer = SimpleNamespace(training=True)
-    try:
-        return dm.on_after_batch_transfer(batch, 0)
-    finally:
-        dm.trainer = None
+def binarize_as_in_training(grey: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """What a training step sees: :meth:`dreg.step.Replicas.draw` binarizes each step's rows."""
+    net = VAE(data_dim=grey.shape[1], latent_dim=2, hidden_dims=[4])
+    params = {name: p.unsqueeze(0) for name, p in net.named_parameters()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    spec = ReplicaSpec(IWAE(), generator, skip_nonfinite=False)
+    replicas = Replicas(net, params, {}, optimizer, [spec], num_samples=1)
+    bits, _ = replicas.draw(grey.unsqueeze(0))
+    return bits[0]
 
 
 # -- MNIST on the real files ------------------------------------------------------------------
@@ -73,10 +74,10 @@ def test_mnist_validation_is_the_end_of_the_training_file(mnist: MNISTDataModule
 
 
 def test_training_binarization_statistics(mnist: MNISTDataModule) -> None:
-    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     grey = mnist.splits["train"][:500]  # [B, D]
     draws = 100
-    bits = torch.stack([binarize_as_in_training(mnist, grey).x for _ in range(draws)])  # [N, B, D]
+    bits = torch.stack([binarize_as_in_training(grey, generator) for _ in range(draws)])
     assert set(bits.unique().tolist()) <= {0.0, 1.0}
     assert (bits[:, grey == 0] == 0).all() and (bits[:, grey == 1] == 1).all()
     # The overall mean of independent Bernoulli(p) bits: variance sum p(1-p) / (N * count)^2.
@@ -91,8 +92,12 @@ def test_training_binarization_statistics(mnist: MNISTDataModule) -> None:
 
 def test_training_binarization_is_dynamic(mnist: MNISTDataModule) -> None:
     grey = mnist.splits["train"][:64]
-    first, second = (binarize_as_in_training(mnist, grey).x for _ in range(2))
+    generator = torch.Generator().manual_seed(0)
+    first, second = (binarize_as_in_training(grey, generator) for _ in range(2))
     assert not torch.equal(first, second)
+    # The same generator state draws the same bits: a job's draws depend on its seed only.
+    again = binarize_as_in_training(grey, torch.Generator().manual_seed(0))
+    assert torch.equal(again, first)
     assert mnist.on_after_batch_transfer(grey, 0).x is grey  # no trainer: evaluation, no draw
 
 
@@ -125,8 +130,11 @@ def test_datamodules_with_the_same_settings_share_one_copy_of_the_data() -> None
 
 
 def test_mnist_loaders_batch_shapes(mnist: MNISTDataModule) -> None:
-    batch = next(iter(mnist.train_dataloader()))
-    assert batch.shape == (32, 784)
+    # Training calls get the row indices of their steps' batches ([steps, B]); the step
+    # gathers and binarizes them (dreg.step).
+    rows = next(iter(mnist.train_dataloader()))
+    assert rows.shape == (mnist.steps_per_call, 32)
+    assert mnist.splits["train"][rows[0]].shape == (32, 784)
     assert next(iter(mnist.test_dataloader())).shape == (100, 784)
 
 
@@ -200,10 +208,17 @@ def test_every_estimator_trains_the_conditional_model(estimator: str) -> None:
     torch.manual_seed(0)
     net = VAE(data_dim=392, latent_dim=4, hidden_dims=[16], context_dim=392)
     module = instantiate(cfg.model, net=net, estimator=instantiate(cfg.estimator))
-    images = torch.bernoulli(torch.full((3, 784), 0.3))
-    batch = StructMNISTDataModule("unused").split_context(images)
-    particles, weights = module.estimate(batch)
-    routed_loss(particles, weights).backward()
+    images = torch.full((1, 3, 784), 0.3)  # [M = 1, B, D] grey levels
+    replicas = Replicas.alone(
+        module, torch.optim.SGD(net.parameters(), lr=0.0), torch.Generator().manual_seed(0),
+        **module.step_settings(),
+    )  # fmt: skip
+
+    def split(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = StructMNISTDataModule("unused").split_context(bits)
+        return batch.x, batch.context
+
+    replicas.step(images, split, lambda loss: loss.backward())  # the training step, lr 0
     for group in (net.prior, net.encoder, net.decoder):
         grads = [p.grad for p in group.parameters()]
         assert all(g is not None and g.isfinite().all() for g in grads)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from dreg.checkpointing import CheckpointError
+from dreg.config import validate
+from dreg.errors import ConfigError
 from dreg.run import build, build_trainer, train
 from tests.conftest import TINY_RUN, compose_config, requires_mnist
 
@@ -56,10 +58,14 @@ def test_frozen_decoder_has_no_model_statistics(tiny_cfg):
     assert "grad/inference/snr" in stats and not any(k.startswith("grad/model") for k in stats)
 
 
-def test_callback_rejects_gradient_accumulation(tiny_cfg):
+def test_gradient_accumulation_is_refused_in_one_line_naming_the_fix(tiny_cfg):
+    # Each step (and so each replayed comparison) is one batch and one optimizer step.
     cfg = tiny_cfg(*COMPARE, "+trainer.accumulate_grad_batches=2")
-    with pytest.raises(ValueError, match="accumulate_grad_batches=1"):
-        fit(cfg)
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("trainer.accumulate_grad_batches=2: ")
+    assert message.endswith("set a larger dataset.batch_size instead (e.g. 2 times as large)")
 
 
 def test_inference_only_training_starts_from_the_checkpoint_weights(tmp_path):

@@ -1,5 +1,5 @@
 """The packed benchmark: its independent loop trains each replica as if alone, with dreg's
-DReG-IWAE gradients, and one worker measurement of each contender runs."""
+DReG-IWAE gradients, and one measurement of each contender runs."""
 
 from __future__ import annotations
 
@@ -70,17 +70,12 @@ def test_the_packed_loop_trains():
     assert all(not torch.equal(a, b) for a, b in zip(before, loop.parameters(), strict=True))
 
 
-@pytest.mark.parametrize(
-    "contender",
-    [
-        "independent",
-        pytest.param("ours_unbatched", marks=requires_mnist),
-        pytest.param("ours_batched", marks=requires_mnist),
-    ],
-)
-def test_one_worker_measurement(contender):
-    """A pack of 2 tiny replicas (3 steps, K = 4), as ``python -m benchmarks.packed`` runs it
-    in each worker process."""
-    row = measure(contender, 2, "cpu", steps=3, warmup=0, k=4, hidden=(16,), latent=4)
-    assert row["model_steps"] == 6
-    assert row["model_steps_per_s"] > 0 and row["peak_mb"] > 0
+@requires_mnist
+@pytest.mark.slow  # three real processes
+@pytest.mark.parametrize("contender", ["solo", "pack", "loop"])
+def test_one_measurement_of_each_contender(contender):
+    """``python -m benchmarks.packed`` in miniature: a pack of 2 tiny jobs, 3 steps each."""
+    setting = {"latent": 2, "hidden": [4], "k": 2, "m": 2, "steps": 3}
+    row = measure(contender, setting, 3, "cpu", threads=1)
+    assert row["model_steps"] == (3 if contender == "solo" else 6)
+    assert row["rate"] > 0 and row["seconds"] > 0

@@ -149,6 +149,8 @@ BAD_VALUES = [
     "model.optimizer.lr=-0.1",
     "model.nonfinite=ignore",
     "trainer.max_steps=0",
+    "model.steps_per_call=0",
+    "model.clip_grad_norm=-1",
 ]
 # The estimators' own rules: (overrides, how the message starts, the fix it names).
 BAD_ESTIMATOR_SETTINGS = {
@@ -197,9 +199,11 @@ def test_bad_estimator_setting_fails_validation_with_one_line_and_fix(case, tmp_
 
 
 @pytest.mark.slow  # a real process: importing Lightning alone takes seconds
-def test_cli_exits_2_with_the_validation_message_before_writing_anything(tmp_path):
+@pytest.mark.parametrize(
+    "override", ["model.num_samples=0", "model.steps_per_call=0", "+trainer.gradient_clip_val=1"]
+)
+def test_cli_exits_2_with_the_validation_message_before_writing_anything(tmp_path, override):
     # The same message validate() gives in process, printed as the last line, exit code 2.
-    override = BAD_VALUES[0]
     message = config_error([override], tmp_path / "in-process")
     run_dir = tmp_path / "run"
     result = cli(override, *NO_PROGRESS_BAR, f"hydra.run.dir={run_dir}")
@@ -210,6 +214,14 @@ def test_cli_exits_2_with_the_validation_message_before_writing_anything(tmp_pat
     assert written == [".hydra", ".lock", "status.json", "train.log"]
     status = json.loads((run_dir / "status.json").read_text())
     assert status == {"status": "failed", "error": message, "exit_code": 2}
+
+
+def test_lightning_gradient_clipping_is_refused_with_the_setting_that_clips(tmp_path):
+    # Every dreg step is manually optimized, which Lightning's gradient_clip_val never clips.
+    message = config_error(["+trainer.gradient_clip_val=0.5"], tmp_path)
+    assert "\n" not in message
+    assert message.startswith("trainer.gradient_clip_val=0.5: Lightning does not clip"), message
+    assert message.endswith("use model.clip_grad_norm=0.5 instead"), message
 
 
 def test_unknown_key_typo_fails_before_anything_runs(tmp_path):

@@ -11,6 +11,8 @@ gradient, like the p.grad that :class:`~dreg.callbacks.GradientStatistics` sees)
 into EMA moments. Logged every ``log_every_n_steps`` steps::
 
     grad/compare/<name>/inference/variance, grad/compare/<name>/inference/snr
+    grad/compare/<name>/inference_layer1/snr ...   per stochastic layer, for nets that have
+                                                   layers (dreg.diagnostics.layers)
     grad/compare/replay_rel_error   |replayed training-estimator gradient - p.grad| / |p.grad|
 
 ``replay_rel_error`` (float round-off, ~1e-6) certifies that the replay saw the training
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from dreg.diagnostics.layers import layer_indices
 from dreg.diagnostics.moments import EMAMoments
 from dreg.estimators import Estimator, estimator_by_name, surrogate_losses
 from dreg.estimators.base import check_num_samples
@@ -62,11 +65,6 @@ class EstimatorComparison(pl.Callback):
                 self.ema[name].load_state_dict(ema_state)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                "EstimatorComparison replays one batch per optimizer step; set "
-                "trainer.accumulate_grad_batches=1 or drop the estimator_compare callback"
-            )
         self.estimators = [estimator_by_name(name) for name in self.names]
         for estimator in self.estimators:  # fail at set-up, not at the first logged step
             check_num_samples(type(estimator), pl_module.num_samples)
@@ -97,10 +95,12 @@ class EstimatorComparison(pl.Callback):
         if step % self.log_every_n_steps:
             return
         metrics = {"grad/compare/replay_rel_error": self._replay_error(grads[0], params)}
+        layers = layer_indices(pl_module.net, params, grads.device)
         for name in self.names:
-            summary = self.ema[name].summary()
-            metrics[f"grad/compare/{name}/inference/variance"] = summary.variance
-            metrics[f"grad/compare/{name}/inference/snr"] = summary.snr
+            for group, index in {"inference": None, **layers}.items():
+                summary = self.ema[name].summary(index)
+                metrics[f"grad/compare/{name}/{group}/variance"] = summary.variance
+                metrics[f"grad/compare/{name}/{group}/snr"] = summary.snr
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

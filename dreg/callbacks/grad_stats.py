@@ -10,7 +10,15 @@ as in Tucker et al. 2019) and logs, every ``log_every_n_steps`` steps::
     grad/{model,inference}/snr        mean EMA(g)^2 / mean variance
 
 and with ``per_tensor: true`` the same per parameter tensor
-(``grad/inference/encoder.net.0.weight/snr``). Because p.grad is already identical on every
+(``grad/inference/encoder.net.0.weight/snr``). A net with several stochastic layers
+(``net.layer_parameters()``, :class:`dreg.hierarchical.TwoLayerVAE`) also gets the inference
+statistics restricted to each layer's parameters (:mod:`dreg.diagnostics.layers`)::
+
+    grad/inference_layer1/{variance,snr}    q(z1 | x)
+    grad/inference_layer2/{variance,snr}    q(z2 | z1)
+
+read from the same moving averages (coordinates of the inference group), so they need no
+state of their own. Because p.grad is already identical on every
 rank, no further communication is needed; only rank 0's loggers write.
 """
 
@@ -20,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch.optim import Optimizer
 
+from dreg.diagnostics.layers import layer_indices
 from dreg.diagnostics.moments import EMAMoments
 from dreg.gradients import GROUPS, group_parameters, tensor_slices
 
@@ -75,6 +84,11 @@ class GradientStatistics(pl.Callback):
                     summary = ema.summary(index)
                     metrics[f"grad/{group}/{name}/variance"] = summary.variance
                     metrics[f"grad/{group}/{name}/snr"] = summary.snr
+            if group == "inference":
+                for layer, index in layer_indices(pl_module.net, params, flat.device).items():
+                    summary = ema.summary(index)
+                    metrics[f"grad/{layer}/variance"] = summary.variance
+                    metrics[f"grad/{layer}/snr"] = summary.snr
         if metrics:
             self.last_metrics = metrics
             for logger in trainer.loggers:

@@ -18,6 +18,11 @@ Reconstructions decode the posterior mean and need no noise.
 With a context (struct-MNIST: c = top half, x = bottom half) a picture is c followed by x in
 row-major order: the top half comes from the data and the bottom half from the model. The
 samples then use the contexts of the first validation images, one context per row.
+
+Two stochastic layers (:class:`dreg.hierarchical.TwoLayerVAE`): samples are ancestral,
+z2 ~ p(z2), z1 ~ p(z1 | z2), x's means from p(x | z1); reconstructions decode the mean of
+q(z1 | x), the layer next to x. The net draws them itself (``sample_pixels``,
+``reconstruct_pixels``) from the same ``[N, noise_dim]`` draws.
 """
 
 from __future__ import annotations
@@ -116,18 +121,25 @@ class SampleAndReconstructionImages(pl.Callback):
     def samples(self, net: VAE, contexts: Tensor | None) -> Tensor:
         """``[num_samples, side, side]`` Bernoulli means of x for z ~ p(z[ | c]).
 
+        A net with ``sample_pixels(eps, context)`` (:class:`dreg.hierarchical.TwoLayerVAE`)
+        maps the ``[N, noise_dim]`` draws to pixels itself; the one-layer VAE's are decoded here.
+
         With ``contexts`` ``[R, C]``, row r of the grid (``columns`` samples) uses context
         ``r mod R``.
         """
         device = net.train_mean.device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         eps = torch.randn(
-            (self.num_samples, net.latent_dim), generator=generator, device=device
-        )  # [N, Dz]
-        if contexts is None:
+            (self.num_samples, net.noise_dim), generator=generator, device=device
+        )  # [N, noise_dim]; the one-layer VAE's noise_dim is its latent_dim
+        context = None
+        if contexts is not None:
+            row = torch.arange(self.num_samples, device=device) // self.columns
+            context = contexts[row % contexts.shape[0]]  # [N, C]
+        if hasattr(net, "sample_pixels"):  # a net that draws its own (e.g. two layers)
+            return as_square_images(net.sample_pixels(eps, context), context)
+        if context is None:
             return as_square_images(torch.sigmoid(net.decoder(eps)), None)
-        row = torch.arange(self.num_samples, device=device) // self.columns
-        context = contexts[row % contexts.shape[0]]  # [N, C]
         centred = context - net.context_mean
         prior_mean, prior_scale = net.prior(centred)
         z = prior_mean + prior_scale * eps
@@ -136,11 +148,15 @@ class SampleAndReconstructionImages(pl.Callback):
 
     @torch.no_grad()
     def reconstructions(self, net: VAE, images: Batch) -> Tensor:
-        """``[2 n, side, side]``: n images, then their decoded posterior means."""
+        """``[2 n, side, side]``: n images, then their decoded posterior means (a net with
+        ``reconstruct_pixels(x, context)`` decodes its own)."""
         x, context = images.x, images.context
-        z, _ = net.posterior_params(x, context)  # the mean of q(z | x[, c])
-        dec_in = z if context is None else torch.cat([z, context - net.context_mean], dim=-1)
-        decoded = torch.sigmoid(net.decoder(dec_in))
+        if hasattr(net, "reconstruct_pixels"):  # a net that decodes its own (e.g. two layers)
+            decoded = net.reconstruct_pixels(x, context)
+        else:
+            z, _ = net.posterior_params(x, context)  # the mean of q(z | x[, c])
+            dec_in = z if context is None else torch.cat([z, context - net.context_mean], -1)
+            decoded = torch.sigmoid(net.decoder(dec_in))
         return torch.cat([as_square_images(x, context), as_square_images(decoded, context)])
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

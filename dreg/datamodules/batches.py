@@ -36,7 +36,8 @@ class ShuffledBatches:
 
     def permutation(self, epoch: int) -> Tensor:
         """This rank's shard of the epoch's permutation, ``[len(self) * batch_size]``."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # Modulo 2**63: an unseeded process's torch.initial_seed() takes all 64 bits.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
         order = torch.randperm(self.data.shape[0], generator=generator)
         shard = order[self.rank :: self.world_size][: len(self) * self.batch_size]
         return shard.to(self.data.device)

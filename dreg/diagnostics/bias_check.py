@@ -13,7 +13,10 @@ the scalars ``s_i = <d_i, u>`` have mean ``<E d, u>``, which is zero if the esti
 unbiased and positive if ``u`` picks up a bias. Given u the s_i are i.i.d., so a one-sample
 t-test on them is exact. The same test runs on every parameter tensor's slice of d and u;
 the verdict applies Holm's step-down correction to the aggregate and all per-tensor p-values.
-The original all-coordinate mean is reported too, for comparison.
+The original all-coordinate mean is reported too, for comparison. A net with several
+stochastic layers (``net.layer_parameters()``) adds one test per layer, on that layer's
+coordinates of d and u (``per_layer``: ``inference_layer1`` ...), to the Holm family: a DReG
+that drops the d log q(z2 | z1) / d z1 terms is biased in layer 1's gradient only.
 
 Under DDP each rank takes the batches ``i % world_size == rank``; the direction and the
 per-test sums are all-reduced, so the numbers equal a 1-process run's on the same batches.
@@ -40,6 +43,7 @@ from dreg.diagnostics.job import (
     start_job,
     training_batch,
 )
+from dreg.diagnostics.layers import layer_indices
 from dreg.estimators import estimator_by_name
 from dreg.gradients import group_gradients, group_parameters, tensor_slices
 from dreg.seeds import derived_seed, seeded
@@ -98,6 +102,7 @@ class PairedDifferences:
             )
         self.names, self.params = group_parameters(job.net, "inference")
         self.slices = tensor_slices(self.params)
+        self.layers = layer_indices(job.net, self.params, job.device)  # {} for one layer
 
     def draw(self, index: int) -> Tensor:
         """``[D]`` float64 difference g_est - g_ref of the inference gradients on batch index."""
@@ -123,7 +128,7 @@ def bias_check(job: DiagnosticJob, cfg: DictConfig) -> dict[str, Any]:
         )
     pairs = PairedDifferences(job, cfg.seed, mode.batch_size)
     dim = pairs.slices[-1].stop
-    device, num_tests = job.device, 1 + len(pairs.slices)
+    device, num_tests = job.device, 1 + len(pairs.slices) + len(pairs.layers)
 
     # Pass 1: the direction u, and the original all-coordinate mean on every batch.
     direction = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -142,17 +147,33 @@ def bias_check(job: DiagnosticJob, cfg: DictConfig) -> dict[str, Any]:
             d = pairs.draw(i)
             coord_mean += torch.stack([d.mean(), d.mean() ** 2])
             products = d * direction  # [D]
-            s = torch.stack([products.sum()] + [products[sl].sum() for sl in pairs.slices])
+            s = torch.stack([products.sum()] + [products[sl].sum() for sl in pairs.slices]
+                            + [products[i].sum() for i in pairs.layers.values()])  # fmt: skip
             sums += torch.stack([s, s**2])
     sums, coord_mean = job.reduce_sum(sums).tolist(), job.reduce_sum(coord_mean).tolist()
 
     num_test = num_batches - num_direction
     results = [t_test(sums[0][j], sums[1][j], num_test) for j in range(num_tests)]
     rejected = holm_reject([r["p_value"] for r in results], float(mode.alpha))
+    num_tensors = len(pairs.slices)
     per_tensor = [
         {"name": name, "numel": sl.stop - sl.start, **res, "holm_reject": rej}
         for name, sl, res, rej in zip(
-            pairs.names, pairs.slices, results[1:], rejected[1:], strict=True
+            pairs.names,
+            pairs.slices,
+            results[1 : 1 + num_tensors],
+            rejected[1 : 1 + num_tensors],
+            strict=True,
+        )
+    ]
+    per_layer = [
+        {"name": name, "numel": index.numel(), **res, "holm_reject": rej}
+        for name, index, res, rej in zip(
+            pairs.layers,
+            pairs.layers.values(),
+            results[1 + num_tensors :],
+            rejected[1 + num_tensors :],
+            strict=True,
         )
     ]
     largest = max(per_tensor, key=lambda r: abs(r["t"]))
@@ -164,6 +185,7 @@ def bias_check(job: DiagnosticJob, cfg: DictConfig) -> dict[str, Any]:
         "aggregate": {**results[0], "holm_reject": rejected[0]},
         "largest_tensor": {"name": largest["name"], "t": largest["t"]},
         "per_tensor": per_tensor,
+        "per_layer": per_layer,
         "all_coordinate_mean": t_test(*coord_mean, num_batches),
         "alpha": float(mode.alpha),
         "num_samples": job.module.num_samples,
@@ -202,11 +224,13 @@ T_COLUMNS = ["test", "numel", "t", "p_value", "mean", "std_error", "holm_reject"
 
 
 def t_table(report: dict[str, Any]) -> list[list[Any]]:
-    """One row per t-test: the aggregate, every tensor, and the original all-coordinate mean
+    """One row per t-test: the aggregate, every stochastic layer (nets with layers), every
+    tensor, and the original all-coordinate mean
     (which is not part of the Holm family: its ``holm_reject`` is empty)."""
     numel = sum(r["numel"] for r in report["per_tensor"])
     tests = [
         {"name": "aggregate", "numel": numel, **report["aggregate"]},
+        *report.get("per_layer", []),
         *report["per_tensor"],
         {"name": "all_coordinate_mean", "numel": numel, **report["all_coordinate_mean"]},
     ]
@@ -234,6 +258,7 @@ def log_results(cfg: DictConfig, job: DiagnosticJob, report: dict[str, Any]) -> 
     agg = report["aggregate"]
     metrics = {"bias/t": agg["t"], "bias/p_value": agg["p_value"]}
     metrics |= {f"bias/{r['name']}/t": r["t"] for r in report["per_tensor"]}
+    metrics |= {f"bias/{r['name']}/t": r["t"] for r in report.get("per_layer", [])}
     for logger in rank_zero_loggers(cfg, job):
         logger.log_metrics(metrics, step=0)
         if isinstance(logger, WandbLogger):

@@ -99,8 +99,9 @@ class EMAMoments:
         mean, second = self.m1 / correction, self.m2 / correction
         return mean, (second - mean**2).clamp_min(0.0)  # clamp: float round-off only
 
-    def summary(self, index: slice | None = None) -> GradientSummary:
-        """Variance and SNR over all coordinates, or over ``index`` (one parameter tensor)."""
+    def summary(self, index: slice | Tensor | None = None) -> GradientSummary:
+        """Variance and SNR over all coordinates, or over ``index`` (one parameter tensor's
+        slice, or the coordinates of one stochastic layer)."""
         mean, var = self.moments()
         if index is not None:
             mean, var = mean[index], var[index]

@@ -13,6 +13,10 @@ Expected shape (Rainforth et al. 2018; Tucker et al. 2019): IWAE's inference SNR
 K (like 1/K asymptotically, for this squared SNR), DReG's and STL's fall far less or not at
 all; every model-gradient SNR rises with K. docs/diagnostics.md shows a measured MNIST plot.
 
+A net with several stochastic layers (``net.layer_parameters()``) also gets rows for the
+inference gradient restricted to each layer (groups ``inference_layer1``, ``inference_layer2``;
+:mod:`dreg.diagnostics.layers`), from the same draws, and a panel row per layer in the plot.
+
 Outputs (rank 0): ``snr_vs_k.csv``, the log-log plot ``snr_vs_k.png``, and both to the
 loggers (a W&B table and image when the logger is W&B). Under DDP the draws are dealt out
 to ranks by index and their sums all-reduced.
@@ -40,6 +44,7 @@ from dreg.diagnostics.job import (
     start_job,
     training_batch,
 )
+from dreg.diagnostics.layers import layer_indices
 from dreg.diagnostics.moments import SampleMoments
 from dreg.estimators import estimator_by_name
 from dreg.gradients import GROUPS, group_gradients, group_parameters
@@ -64,6 +69,8 @@ def study(job: DiagnosticJob, cfg: DictConfig) -> list[dict[str, Any]]:
         batch = training_batch(job.datamodule, 0, int(mode.batch_size), device)
     params = {g: group_parameters(net, g)[1] for g in GROUPS}
     dims = {g: sum(p.numel() for p in ps) for g, ps in params.items()}
+    layers = layer_indices(net, params["inference"], device)  # {} for one stochastic layer
+    dims |= {layer: index.numel() for layer, index in layers.items()}
     every_estimator = [estimator_by_name(name).to(device) for name in mode.estimators]
     rows = []
     for num_samples in mode.num_samples:
@@ -74,7 +81,7 @@ def study(job: DiagnosticJob, cfg: DictConfig) -> list[dict[str, Any]]:
             elif job.fabric.is_global_zero:
                 log.info("skipping %s at K=%d (needs K >= %d)", estimator.name, num_samples,
                          estimator.min_samples)  # fmt: skip
-        moments = {(e.name, g): SampleMoments(dims[g], device) for e in estimators for g in GROUPS}
+        moments = {(e.name, g): SampleMoments(dims[g], device) for e in estimators for g in dims}
         for draw in range(num_draws):
             if not job.mine(draw):
                 continue
@@ -91,6 +98,7 @@ def study(job: DiagnosticJob, cfg: DictConfig) -> list[dict[str, Any]]:
                 if shared is None:
                     seen.append((weights.model, grads["model"]))
                 grads.setdefault("model", shared)
+                grads |= {layer: grads["inference"][i] for layer, i in layers.items()}
                 for group, grad in grads.items():
                     moments[estimator.name, group].update(grad)
         for (name, group), moment in moments.items():
@@ -115,9 +123,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Log-log SNR and variance versus K: one panel per (group, statistic)."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharex=True)
-    for row_axes, group in zip(axes, GROUPS, strict=True):
+    """Log-log SNR and variance versus K: one panel per (group, statistic); the model and
+    inference groups, then any stochastic layer's (``inference_layer1`` ...)."""
+    groups = list(dict.fromkeys([*GROUPS, *(r["group"] for r in rows)]))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.75 * len(groups)), sharex=True)
+    for row_axes, group in zip(axes, groups, strict=True):
         for ax, stat in zip(row_axes, ("snr", "variance"), strict=True):
             for name in dict.fromkeys(r["estimator"] for r in rows):
                 points = [(r["num_samples"], r[stat]) for r in rows
@@ -130,7 +140,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
             ax.set_yscale("log")
             ax.set_title(f"{group} gradient {'SNR' if stat == 'snr' else 'variance'}")
             ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("K (samples per data point)")
     axes[0][0].legend()
     if title:
