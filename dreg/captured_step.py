@@ -75,7 +75,7 @@ class CapturedStep:
             tensors.update({id(v): v for v in state.values() if isinstance(v, Tensor)})
         tensors = list(tensors.values())
         saved = [t.detach().clone() for t in tensors]
-        had_state = bool(optimizer.state)
+        known = {id(t) for t in tensors}  # alive in ``tensors``: no id is reused meanwhile
         generators = [spec.generator for spec in replicas.specs]
         saved_generators = [g.get_state() for g in generators]
         rows = self.rows.clone()
@@ -98,11 +98,12 @@ class CapturedStep:
         with torch.no_grad():
             for tensor, value in zip(tensors, saved, strict=True):
                 tensor.copy_(value)
-            if not had_state:
-                for state in optimizer.state.values():
-                    for value in state.values():
-                        if isinstance(value, Tensor):
-                            value.zero_()  # what the optimizer's first step starts from
+            # State the warm-up created (all of it on a fresh optimizer, or that of parameters
+            # without state yet): zeros, what the optimizer's first step starts from.
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, Tensor) and id(value) not in known:
+                        value.zero_()
         for generator, state in zip(generators, saved_generators, strict=True):
             generator.set_state(state)
         replicas.start_run()

@@ -115,11 +115,18 @@ class TwoLayerVAE(nn.Module):
         """phi: q(z1 | x) and q(z2 | z1)."""
         return [*self.encoder_z1.parameters(), *self.encoder_z2.parameters()]
 
-    def mlps(self) -> list[nn.Module]:
+    def mlps(self) -> list[nn.Sequential]:
         """Every network of the model, each compiled on its own by ``model.compile=true``
-        (``Module.compile`` works in place: state-dict keys stay those of the eager model)."""
-        nets = [self.encoder_z1, self.encoder_z2, self.decoder_z1, self.decoder_x]
-        return nets + ([self.prior] if self.prior is not None else [])
+        (``Module.compile`` works in place: state-dict keys stay those of the eager model).
+
+        The Gaussian layers' inner ``Sequential`` networks, not the :class:`GaussianMLP`
+        wrappers: q(z2 | z1) and p(z1 | z2) take latents on their reparameterization path,
+        and tracing a wrapper called with such a non-leaf input makes torch 2.13's Dynamo read
+        its ``.grad`` (a UserWarning, an error under the test suite's filters). The wrappers'
+        chunk and softplus stay eager."""
+        gaussians = [self.encoder_z1, self.encoder_z2, self.decoder_z1]
+        gaussians += [self.prior] if self.prior is not None else []
+        return [g.net for g in gaussians] + [self.decoder_x]
 
     def layer_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The inference parameters per stochastic layer: ``layer1`` = q(z1 | x), ``layer2`` =

@@ -34,12 +34,15 @@ import ctypes
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.trainer.states import RunningStage
 from torch import Tensor
 
 from dreg.captured_step import CapturedStep
@@ -234,6 +237,8 @@ class Pack:
         if not live or any(m.request is None for m in live):
             return
         requests = [m.request for m in live]
+        if not self.steps:
+            _start_train_clocks([r.module.trainer for r in requests])
         try:
             self._joint_run(requests)
         except Exception as err:  # e.g. out of memory: every job of this run reports it
@@ -326,6 +331,17 @@ class Pack:
             del self._cohorts[ids]
             self._captured.pop(ids, None)
         return cohorts
+
+
+def _start_train_clocks(trainers: Sequence[Any]) -> None:
+    """A pack's training starts when its last job is ready: the jobs are set up one after
+    another, and a job's ``train_seconds`` (Lightning's ``Timer``) should not count the
+    others' set-up, as a run alone does not count its own."""
+    now = time.monotonic()
+    for trainer in trainers:
+        for callback in trainer.callbacks:
+            if isinstance(callback, Timer):
+                callback._start_time[RunningStage.TRAINING] = now
 
 
 def _observer(replicas: Replicas, module: Any) -> Callable[[int], None]:

@@ -276,7 +276,9 @@ class Replicas:
         z, log_q_stopped, log_q_stop_z = propose(params, buffers, x, context, eps)
         z_flat = z.transpose(0, 1).reshape(k, m * b, z.shape[-1])
         z_for_p = z_flat.view_as(z_flat)  # the routing hook's tensor
-        z_in = z_for_p.reshape(k, m, b, -1).transpose(0, 1)
+        # Contiguous [M, K, B, Dz]: the decoder's output (the largest tensor of a step) then
+        # comes out dense, and every elementwise op on it runs at full speed.
+        z_in = z_for_p.reshape(k, m, b, -1).transpose(0, 1).contiguous()
         log_p = log_joint(params, buffers, x, z_in, context)
 
         def side_by_side(t: Tensor) -> Tensor:  # [M, K, B] -> [K, M * B]

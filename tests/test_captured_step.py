@@ -11,7 +11,8 @@ steps. The graph replays the very kernels of the eager step with the same Philox
 the two are expected to agree to the bit; the tolerance allows for cuBLAS choosing another
 GEMM algorithm or split-K reduction order under stream capture (a last-bit difference per
 step, which 100 Adam steps of size lr = 3e-4 keep far below 1e-5 in the parameters). The
-stacked comparison (M = 3, 20 steps) uses the same tolerance for the same reason.
+stacked comparison (M = 3, 20 steps, the last 15 replayed) uses the same tolerance for the
+same reason.
 
 The whole runs (Lightning, command line) compare ``model.cuda_graph=true`` with ``false``:
 the eager run's Adam is the plain one, the graph's is ``capturable=True`` (step count and
@@ -110,9 +111,7 @@ def parameters_of(replicas: Replicas, m: int) -> dict[str, Tensor]:
 
 
 def assert_same_parameters(got: DReGModule, want: DReGModule) -> None:
-    for (name, w), g in zip(
-        want.net.named_parameters(), got.net.parameters(), strict=True
-    ):
+    for (name, w), g in zip(want.net.named_parameters(), got.net.parameters(), strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=name)
 
 
@@ -145,9 +144,10 @@ def test_replay_matches_eager_for_100_steps(estimator):
 
 
 def test_a_captured_pack_of_three_matches_its_eager_steps():
-    """A pack's cohort (M = 3, stacked parameters, the model under vmap) captured as one graph:
-    20 replays against the same stacked step taken eagerly, each job's parameters written back
-    by ``store``."""
+    """A pack's cohort (M = 3, stacked parameters, the model under vmap) captured as one graph
+    after 5 eager steps (an optimizer with state, as after a resume or a restacked cohort): 15
+    replays against the same stacked step taken eagerly 20 times; each job's parameters and
+    Adam state written back by ``store``."""
     estimators, seeds, noise_seeds = ["iwae", "dreg_iwae", "dreg_iwae"], [0, 1, 2], [10, 11, 12]
     data, rows = grey_levels(), rows_for(20, size=3)
 
@@ -163,14 +163,27 @@ def test_a_captured_pack_of_three_matches_its_eager_steps():
         eager.eager_step(r)
     graph = captured(graph_replicas, data)
     graph_replicas.start_run()
-    for r in rows:
-        graph.replay(r)  # the first replay captures
+    for r in rows[:5]:
+        graph.eager_step(r)
+    for r in rows[5:]:
+        graph.replay(r)  # the first replay captures (and resets the run's flags)
     torch.cuda.synchronize()
 
-    for replicas, modules in ((eager_replicas, eager_modules), (graph_replicas, graph_modules)):
-        replicas.store(modules, [m.configure_optimizers() for m in modules])
-    for got, want in zip(graph_modules, eager_modules, strict=True):
+    optimizers = {}
+    for name, replicas, modules in (
+        ("eager", eager_replicas, eager_modules),
+        ("graph", graph_replicas, graph_modules),
+    ):
+        optimizers[name] = [m.configure_optimizers() for m in modules]
+        replicas.store(modules, optimizers[name])
+    for m, (got, want) in enumerate(zip(graph_modules, eager_modules, strict=True)):
         assert_same_parameters(got, want)
+        for p, q in zip(got.net.parameters(), want.net.parameters(), strict=True):
+            got_state, want_state = optimizers["graph"][m].state[p], optimizers["eager"][m].state[q]
+            assert float(got_state["step"]) == float(want_state["step"]) == 20
+            torch.testing.assert_close(
+                got_state["exp_avg_sq"], want_state["exp_avg_sq"], atol=1e-5, rtol=1e-4
+            )
     torch.testing.assert_close(
         graph_replicas.objective, eager_replicas.objective, atol=1e-5, rtol=1e-4
     )

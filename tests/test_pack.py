@@ -210,7 +210,10 @@ def assert_close_records(got: Path, want: Path, rel: float = 1e-4) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert math.isclose(a[key], b[key], rel_tol=rel, abs_tol=rel), (key, a[key], b[key])
-    rows = [list(csv.DictReader((job / "csv" / "metrics.csv").open())) for job in (got, want)]
+    rows = [
+        list(csv.DictReader((job / "csv" / "metrics.csv").read_text().splitlines()))
+        for job in (got, want)
+    ]
     assert len(rows[0]) == len(rows[1])
     for row, other in zip(*rows, strict=True):
         assert row.keys() == other.keys() and row["step"] == other["step"]

@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import shutil
-import statistics
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,9 @@ from dreg.estimators.iwae import DReGIWAE
 from dreg.gradients import group_parameters
 from dreg.hierarchical import TwoLayerVAE
 from dreg.lightning_module import DReGModule
-from dreg.model import VAE
+from dreg.model import VAE, gaussian_log_prob
 from dreg.run import main, train
-from tests.conftest import TINY_RUN, cli, compose_config, requires_mnist
+from tests.conftest import TINY_RUN, cli, compose_config, mnist_dir, requires_mnist
 
 SIDE = 28
 TINY_NET = ["model=two_layer", "model.net.latent_dims=[4,2]", "model.net.hidden_dims=[[8],[8]]"]
@@ -164,12 +164,14 @@ def test_two_layer_cli_run_trains_and_a_resume_continues_it_exactly(estimator, t
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((straight / "metrics.json").read_text())
     assert metrics["global_step"] == 300 and math.isfinite(metrics["test/log_likelihood"])
-    # The loss improves: the last 5 logged bounds beat the first 5 by more than 4 standard
-    # errors of their difference (each a K = 8 bound on a batch of 32: ~1-3 nats of noise).
-    bounds = [v for _, v in column(read_csv(straight / "csv" / "metrics.csv"), "train/iwae_bound")]
-    first, last = bounds[:5], bounds[-5:]
-    std_error = math.sqrt((statistics.variance(first) + statistics.variance(last)) / 5)
-    assert statistics.mean(last) - statistics.mean(first) > 4 * std_error, (first, last)
+    # The model improves: the validation log-likelihood rises at every validation (100, 200,
+    # 300), by about 2 nats each here. The validation images and their bits are fixed, so the
+    # only noise is the S = 50-sample estimate, a few tenths of a nat over 50 images; a
+    # batch's training bound is far noisier (~10 nats from batch to batch).
+    val = column(read_csv(straight / "csv" / "metrics.csv"), "val/log_likelihood")
+    assert [s for s, _ in val] == [100, 200, 300]
+    gains = [b - a for (_, a), (_, b) in pairwise(val)]
+    assert all(g > 1 for g in gains), val
     assert metrics["test/log_likelihood"] > metrics["test/bound"]  # S = 50 samples beat K = 8
 
     result = cli(*run, "trainer.max_steps=200", f"hydra.run.dir={extended}")
@@ -192,7 +194,14 @@ def test_two_layer_cli_run_trains_and_a_resume_continues_it_exactly(estimator, t
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["struct_mnist", "omniglot"])
 def test_two_layer_trains_on_the_other_datasets_with_pictures(dataset, tmp_path):
-    metrics = train(compose_config([*TINY_RUN, *TINY_NET, f"dataset={dataset}"], tmp_path))
+    overrides = [*TINY_RUN, *TINY_NET, f"dataset={dataset}"]
+    if dataset == "omniglot":
+        lake = mnist_dir() / "omniglot-lake"
+        if not (lake / "omniglot_lake_105x105.npz").exists():
+            pytest.skip(f"DREG_DATA_DIR lacks {lake / 'omniglot_lake_105x105.npz'}")
+        if not (lake / "omniglot28.npz").exists():  # a read-only data folder: prepare here
+            overrides.append(f"dataset.prepared_path={tmp_path / 'omniglot28.npz'}")
+    metrics = train(compose_config(overrides, tmp_path))
     assert metrics["global_step"] == 4 and math.isfinite(metrics["test/log_likelihood"])
     assert (tmp_path / "images" / "samples-step000004.png").exists()
     assert (tmp_path / "images" / "reconstructions-step000004.png").exists()
@@ -254,6 +263,42 @@ def test_bias_check_on_two_layers_tests_each_layer(estimator, biased, tmp_path):
         assert all(abs(r["t"]) < 3.5 for r in [report["aggregate"], *report["per_layer"]])
 
 
+def naive_propose(self, x, context, eps):
+    """TwoLayerVAE.propose as the common DReG implementation writes it: q(z2 | z1)'s *tensors*
+    detached in the path term, which drops d log q(z2 | z1) / d z1 (biased for K > 1)."""
+    eps1, eps2 = self._split_noise(eps, x)
+    c = self._centred_context(context)
+    mean1, scale1 = self._q1(x, c)
+    z1 = mean1 + scale1 * eps1
+    mean2, scale2 = self.encoder_z2(self._with_context(z1, c))
+    z2 = mean2 + scale2 * eps2
+    stopped = gaussian_log_prob(z1, mean1.detach(), scale1.detach()) + gaussian_log_prob(
+        z2, mean2.detach(), scale2.detach()
+    )
+    z1_fixed, z2_fixed = z1.detach(), z2.detach()
+    score = gaussian_log_prob(z1_fixed, mean1, scale1) + gaussian_log_prob(
+        z2_fixed, *self.encoder_z2(self._with_context(z1_fixed, c))
+    )
+    return torch.cat([z1, z2], dim=-1), stopped, score
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_bias_check_finds_the_tensor_detach_dreg_biased_in_layer_1_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(TwoLayerVAE, "propose", naive_propose)
+    # 800 batches: the dropped terms are small at this fresh model (layer 1's output-bias
+    # tensor reaches t = 7; 200 batches would give half that).
+    run_mode(tmp_path, "mode=bias_check", "estimator=dreg_iwae", "model.num_samples=16",
+             "mode.num_batches=800")  # fmt: skip
+    report = json.loads((tmp_path / "bias_check.json").read_text())
+    assert report["verdict"] == "biased"
+    rejected = [r["name"] for r in report["per_tensor"] if r["holm_reject"]]
+    assert rejected and all(name.startswith("encoder_z1.") for name in rejected), rejected
+    # Layer 2's parameters get exactly generalized DReG's gradient: no bias there.
+    layer2 = [r for r in report["per_tensor"] if r["name"].startswith("encoder_z2.")]
+    assert all(abs(r["t"]) < 3 for r in [*layer2, report["per_layer"][1]]), layer2
+
+
 @requires_mnist
 @pytest.mark.slow
 def test_diagnose_on_two_layers_adds_the_snr_of_each_layer(tmp_path):
@@ -270,10 +315,18 @@ def test_diagnose_on_two_layers_adds_the_snr_of_each_layer(tmp_path):
 
     # The same model coefficients in both estimators: the same model gradients.
     assert snr(16, "dreg_iwae", "model") == pytest.approx(snr(16, "iwae", "model"), rel=1e-9)
-    # Each layer's inference SNR: DReG above IWAE at K = 16 (Tucker et al. 2019; the margin
-    # is many standard errors of a 100-draw SNR, ~15%).
-    for group in groups[2:]:
-        assert snr(16, "dreg_iwae", group) > 2 * snr(16, "iwae", group), group
+
+    # DReG beats IWAE in each layer at K = 16 (Tucker et al. 2019), on the same draws. A
+    # 100-draw SNR or variance is good to ~15% (relative standard error sqrt(2 / 99) per
+    # coordinate, less once averaged); at this freshly initialised model the gain is large in
+    # layer 1 (SNR x2.8, variance x0.36) and smaller in layer 2 (x1.4, x0.67).
+    def variance(estimator: str, group: str) -> float:
+        return float(rows[16, estimator, group]["variance"])
+
+    assert snr(16, "dreg_iwae", "inference_layer1") > 2 * snr(16, "iwae", "inference_layer1")
+    assert variance("dreg_iwae", "inference_layer1") < 0.5 * variance("iwae", "inference_layer1")
+    assert snr(16, "dreg_iwae", "inference_layer2") > snr(16, "iwae", "inference_layer2")
+    assert variance("dreg_iwae", "inference_layer2") < 0.85 * variance("iwae", "inference_layer2")
     # The layers' variances average to the group's, weighted by their sizes.
     net = tiny_net()
     sizes = {
