@@ -25,7 +25,14 @@ Why the jobs cannot change each other's numbers:
   their last good values; skip: only its update is undone).
 
 Replicas whose optimizers differ (settings, or Adam's step count after a resume) form
-separate cohorts, each one stacked model; a pack of one is a normal run.
+separate cohorts, each one stacked model; a cohort of one trains in place, so a pack of one
+is a normal run, bitwise. With ``model.cuda_graph=true`` on CUDA a cohort's whole joint step
+is one captured graph (:mod:`dreg.captured_step`).
+
+What stays, and why: the threads, because each job keeps its own Lightning loop and records;
+the swap of global RNG states and Hydra's config at the barrier, because evaluation and
+set-up draw from the global streams and read the job's config; one malloc arena
+(:func:`one_malloc_arena`), measured at M = 16 on CPU: 0.6 GB instead of 2.3 GB.
 """
 
 from __future__ import annotations

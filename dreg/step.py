@@ -182,7 +182,9 @@ class Replicas:
         **kwargs,
     ) -> Replicas:
         """M jobs as stacked copies (see :meth:`store`); one optimizer from the first job's
-        factory, which every job of a cohort shares."""
+        factory, which every job of a cohort shares. Every job must take the same step: the
+        same K, sampling, trained parts, clipping and parameter shapes."""
+        _check_same_step(modules, kwargs)
         nets = [m.net for m in modules]
         params, buffers = stack_module_state(nets)
         for name, p in nets[0].named_parameters():
@@ -439,6 +441,28 @@ class Replicas:
         """Per replica ``(first bad step of the run or -1, skipped steps)``: one host read."""
         first, skipped = torch.stack([self.first_bad, self.skipped]).tolist()
         return [int(f) for f in first], [int(s) for s in skipped]
+
+
+def _check_same_step(modules: Sequence, settings: dict) -> None:
+    """One clear line when the jobs of a stack would not take the same step (a different K
+    would silently train every replica at the first job's K)."""
+    for i, module in enumerate(modules):
+        own = module.step_settings()
+        for key, value in own.items():
+            if settings.get(key, value) != value:
+                name = "model.num_samples" if key == "num_samples" else f"model.{key}"
+                raise ValueError(
+                    f"job {i} of a stacked pack has {name}={value}, the pack steps with "
+                    f"{name}={settings[key]}: replicas must share K and sampling; put such "
+                    "jobs in separate packs (dreg.packed_launcher.pack_key keeps them apart)"
+                )
+        shapes = [tuple(p.shape) for p in module.net.parameters()]
+        first = [tuple(p.shape) for p in modules[0].net.parameters()]
+        if shapes != first:
+            raise ValueError(
+                f"job {i} of a stacked pack has other parameter shapes than job 0; only "
+                "jobs of the same network sizes stack (model.net must match)"
+            )
 
 
 def parameter_groups(net: nn.Module, params: dict[str, Tensor], train_model: bool) -> list[dict]:

@@ -120,6 +120,15 @@ def test_a_stacked_copy_of_one_replica_gets_its_solo_gradient():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_jobs_that_differ_in_k_are_refused_in_one_line():
+    modules = [replica("dreg_iwae", 0), replica("dreg_iwae", 1)]
+    modules[1].num_samples = K + 2
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    with pytest.raises(ValueError, match=f"job 1 of a stacked pack has model.num_samples={K + 2}"):
+        Replicas.stacked(modules, [optimizer_of(m) for m in modules], generators,
+                         **modules[0].step_settings())  # fmt: skip
+
+
 def test_the_stacked_update_is_each_jobs_own_optimizer_step():
     """After the step, each job's parameters and Adam state (written back by store) equal
     the job's own optimizer applied to its own gradient."""
