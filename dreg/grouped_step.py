@@ -95,26 +95,15 @@ def set_step_count(trainer: pl.Trainer, steps: int) -> None:
     progress.total.ready = progress.total.completed = steps
 
 
-def carry_step_count(trainer: pl.Trainer, manual: bool = True) -> None:
-    """Continue the step count of a checkpoint written under the other optimization mode.
+def carry_step_count(trainer: pl.Trainer) -> None:
+    """Continue the step count of a checkpoint written under automatic optimization.
 
     Lightning keeps separate step counters for automatic (one step per call, which
     checkpoints of earlier versions used) and manual optimization (every step now); a resume
-    reads the one that the checkpoint did not advance.
+    of such a checkpoint reads the manual counter, which it did not advance.
     """
     loop = trainer.fit_loop.epoch_loop
     automatic = loop.automatic_optimization.optim_progress.optimizer.step
-    grouped = loop.manual_optimization.optim_step_progress
-    source, target = (automatic, grouped) if manual else (grouped, automatic)
-    if target.total.completed < source.total.completed:
-        target.load_state_dict(source.state_dict())
-        if not manual:
-            # One step per call counts its validation and log cadence in calls, and its calls
-            # are its steps: continue from the steps, not from the checkpoint's group count.
-            # A checkpoint written mid-call (at validation) counts the call as ready but not
-            # yet stepped for logging; keep that lag so the restart finishes the call alike.
-            steps = target.total.completed
-            calls = loop.batch_progress.total
-            lag = calls.ready - loop._batches_that_stepped
-            calls.ready = calls.started = calls.processed = calls.completed = steps
-            loop._batches_that_stepped = steps - lag
+    manual = loop.manual_optimization.optim_step_progress
+    if manual.total.completed < automatic.total.completed:
+        manual.load_state_dict(automatic.state_dict())
