@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import subprocess
 import sys
@@ -30,3 +32,27 @@ def test_each_rank_draws_its_own_noise_and_checkpoints_keep_every_stream(tmp_pat
     # Same seed on both ranks until set-up (one initial model); different streams after it.
     assert not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])
     assert rng["ranks"][0]["numpy"][1].tolist() != rng["ranks"][1]["numpy"][1].tolist()
+
+
+def test_the_two_layer_model_trains_under_ddp_with_per_layer_statistics(tmp_path):
+    """model=two_layer under 2-process DDP: one backward per step reaches both layers, the
+    gradient statistics (averaged across ranks) come per stochastic layer."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY_RUN,
+         "model=two_layer", "model.net.latent_dims=[4,2]", "model.net.hidden_dims=[[8],[8]]",
+         "model.num_samples=4", "estimator=dreg_iwae", "callbacks=grad_stats",
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (csv_path,) = run_dir.rglob("metrics.csv")
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    for layer in ("inference_layer1", "inference_layer2"):
+        values = [float(r[f"grad/{layer}/snr"]) for r in rows if r.get(f"grad/{layer}/snr")]
+        assert values and all(math.isfinite(v) for v in values), layer
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
