@@ -23,6 +23,7 @@ Two settings (``--setting``):
 
     python -m benchmarks.packed --setting host --repeats 3
     python -m benchmarks.packed --setting paper --repeats 3
+    python -m benchmarks.packed --setting host --device cuda model.cuda_graph=true
 
 Writes ``benchmarks/results/packed_<setting>_<device>.{json,md}``. Needs ``DREG_DATA_DIR``.
 """
@@ -85,10 +86,13 @@ def cli_rate(jobs: list[Path]) -> dict:
     return {"model_steps": steps, "seconds": seconds, "rate": steps / seconds}
 
 
-def measure(contender: str, setting: dict, steps: int, device: str, threads: int) -> dict:
-    """One measurement of ``contender`` (solo, pack or loop) in fresh processes."""
+def measure(
+    contender: str, setting: dict, steps: int, device: str, threads: int, extra: tuple = ()
+) -> dict:
+    """One measurement of ``contender`` (solo, pack or loop) in fresh processes; ``extra``:
+    more ``train.py`` overrides (e.g. ``model.cuda_graph=true``)."""
     python = [sys.executable]
-    args = train_args(setting, steps, device)
+    args = [*train_args(setting, steps, device), *extra]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         if contender == "solo":
@@ -119,7 +123,9 @@ def markdown(results: dict) -> str:
         f"{ctx['when']}; setting `{results['name']}`: latent {s['latent']}, hidden "
         f"{s['hidden']}, K {s['k']}, batch 32, DReG-IWAE, Adam; pack of M = {s['m']}; "
         f"{ctx['steps']} steps per job; {results['threads']} thread(s) per process; "
-        f"contenders interleaved, medians of {ctx['repeats']} repetitions.",
+        f"contenders interleaved, medians of {ctx['repeats']} repetitions"
+        + (f"; train.py overrides {results.get('overrides')}" if results.get("overrides") else "")
+        + ".",
         "",
         "| contender | model-steps/s (each repetition) | median | ms per model-step |",
         "|---|---|---|---|",
@@ -148,19 +154,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, help="steps per job (default: the setting's)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="more train.py overrides (solo and pack)")
     args = parser.parse_args()
     setting = SETTINGS[args.setting]
     steps = args.steps or setting["steps"]
     rates: dict[str, list[float]] = {"solo": [], "pack": [], "loop": []}
     for repeat in range(args.repeats):
         for contender in rates:
-            row = measure(contender, setting, steps, args.device, args.threads)
+            row = measure(
+                contender, setting, steps, args.device, args.threads, tuple(args.overrides)
+            )
             rates[contender].append(row["rate"])
             print(f"repeat {repeat} {contender}: {row['rate']:.1f} model-steps/s", flush=True)
     results = {
         "name": args.setting,
         "setting": setting,
         "threads": args.threads,
+        "overrides": args.overrides,
         "context": measurement_context(args.device, args.repeats, steps),
         "rates": rates,
         "median": {c: statistics.median(r) for c, r in rates.items()},
