@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 from dreg.estimators.surrogates import Particles
 from dreg.library import antithetic_noise, particles_from_draws, standard_normal_noise
-from dreg.model import BIAS_CLIP, GaussianMLP, gaussian_log_prob, mlp
+from dreg.model import CentredData, GaussianMLP, gaussian_log_prob, mlp
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -51,7 +51,7 @@ def _stopped_call(net: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
     return functional_call(net, detached, (inputs,))
 
 
-class TwoLayerVAE(nn.Module):
+class TwoLayerVAE(CentredData):
     """q(z1 | x) q(z2 | z1) Gaussian, p(z2) p(z1 | z2) Gaussian, p(x | z1) Bernoulli.
 
     :param data_dim: number of (binary) pixels in x.
@@ -75,7 +75,7 @@ class TwoLayerVAE(nn.Module):
         context_dim: int = 0,
         context_mean: Tensor | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(data_dim, train_mean, context_dim, context_mean)
         if len(latent_dims) != 2 or len(hidden_dims) != 2:
             raise ValueError(
                 f"TwoLayerVAE has two stochastic layers: latent_dims={list(latent_dims)} and "
@@ -83,15 +83,8 @@ class TwoLayerVAE(nn.Module):
             )
         dim1, dim2 = (int(d) for d in latent_dims)
         hidden1, hidden2 = (list(h) for h in hidden_dims)
-        self.data_dim, self.context_dim = data_dim, context_dim
         self.latent_dims = (dim1, dim2)
         self.noise_dim = dim1 + dim2  # one standard-normal draw per latent coordinate
-        if train_mean is None:
-            train_mean = torch.full((data_dim,), 0.5)
-        if context_mean is None:
-            context_mean = torch.zeros(context_dim)
-        self.register_buffer("train_mean", torch.as_tensor(train_mean, dtype=torch.float32))
-        self.register_buffer("context_mean", torch.as_tensor(context_mean, dtype=torch.float32))
 
         c = context_dim
         # inference network, phi
@@ -101,9 +94,7 @@ class TwoLayerVAE(nn.Module):
         self.prior = GaussianMLP(c, hidden2, dim2, activation) if c else None  # p(z2 | c)
         self.decoder_z1 = GaussianMLP(dim2 + c, hidden2, dim1, activation)  # p(z1 | z2)
         self.decoder_x = mlp(dim1 + c, hidden1, data_dim, activation)  # p(x | z1)
-        clipped = self.train_mean.clamp(BIAS_CLIP, 1 - BIAS_CLIP)
-        with torch.no_grad():
-            self.decoder_x[-1].bias.copy_(torch.logit(clipped))
+        self.init_output_bias(self.decoder_x)
 
     # -- parameter groups ---------------------------------------------------------------------
     def model_parameters(self) -> list[nn.Parameter]:
@@ -138,13 +129,6 @@ class TwoLayerVAE(nn.Module):
         }
 
     # -- helpers ------------------------------------------------------------------------------
-    def _centred_context(self, context: Tensor | None) -> Tensor | None:
-        if self.context_dim == 0:
-            return None
-        if context is None or context.shape[-1] != self.context_dim:
-            raise ValueError(f"this model needs a context of size {self.context_dim}")
-        return context - self.context_mean  # [B, C]
-
     @staticmethod
     def _with_context(inputs: Tensor, c: Tensor | None) -> Tensor:
         """``[..., B, D]`` inputs, with the context ``[B, C]`` appended (expanded over K)."""
@@ -180,7 +164,7 @@ class TwoLayerVAE(nn.Module):
         :returns: ``(z [K, B, D1 + D2], log_q_stopped [K, B], log_q_stop_z [K, B])``.
         """
         eps1, eps2 = self._split_noise(eps, x)
-        c = self._centred_context(context)
+        c = self.centred_context(context)
         mean1, scale1 = self._q1(x, c)  # [B, D1]
         z1 = mean1 + scale1 * eps1  # [K, B, D1]
         mean2, scale2 = self.encoder_z2(self._with_context(z1, c))  # [K, B, D2], z1 live
@@ -200,7 +184,7 @@ class TwoLayerVAE(nn.Module):
     def log_joint(self, x: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
         """log p(x, z1, z2[ | c]) for z = cat([z1, z2], -1) ``[K, B, D1 + D2]``: ``[K, B]``."""
         z1, z2 = z.split(list(self.latent_dims), dim=-1)
-        c = self._centred_context(context)
+        c = self.centred_context(context)
         if c is None:
             log_prior = (-0.5 * z2**2 - 0.5 * _LOG_2PI).sum(-1)  # [K, B]
         else:
@@ -247,7 +231,7 @@ class TwoLayerVAE(nn.Module):
         z2 ~ p(z2[ | c]), z1 ~ p(z1 | z2[, c]), from the standard-normal draws ``eps``
         ``[N, noise_dim]`` (z1's first, as in :meth:`propose`) and contexts ``[N, C]``."""
         eps1, eps2 = eps.split(list(self.latent_dims), dim=-1)
-        c = self._centred_context(context)
+        c = self.centred_context(context)
         if c is None:
             z2 = eps2
         else:
@@ -261,7 +245,7 @@ class TwoLayerVAE(nn.Module):
     def reconstruct_pixels(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Bernoulli means ``[B, Dx]`` of p(x | z1[, c]) at the mean of q(z1 | x[, c]): the
         one-layer model's reconstruction (decoded posterior mean) for the layer next to x."""
-        c = self._centred_context(context)
+        c = self.centred_context(context)
         mean1, _ = self._q1(x, c)
         return torch.sigmoid(self.decoder_x(self._with_context(mean1, c)))
 
@@ -271,7 +255,7 @@ class TwoLayerVAE(nn.Module):
     ) -> Tensor:
         """``[S, B]`` log-weights log p(x, z1, z2) - log q(z1, z2 | x), S = num_samples, drawn
         ``chunk_size`` samples at a time so memory is bounded by the chunk."""
-        c = self._centred_context(context)
+        c = self.centred_context(context)
         mean1, scale1 = self._q1(x, c)
         chunks = []
         for start in range(0, num_samples, chunk_size):

@@ -59,7 +59,51 @@ class GaussianMLP(nn.Module):
         return mean, F.softplus(raw_scale + SCALE_OFFSET)
 
 
-class VAE(nn.Module):
+class CentredData(nn.Module):
+    """What every dreg model does with the training statistics (Burda et al.'s conventions):
+    ``train_mean`` and ``context_mean`` as buffers, the pixels centred at the encoder's input,
+    the context centred wherever a network sees it, and a Bernoulli decoder's output bias
+    at the logit of the clipped pixel mean.
+
+    :param data_dim: number of (binary) pixels in x.
+    :param train_mean: ``[data_dim]`` training-set pixel mean (default 0.5 everywhere).
+    :param context_dim: size of the context c (0: unconditional model).
+    :param context_mean: ``[context_dim]`` training mean of c (default 0).
+    """
+
+    def __init__(
+        self,
+        data_dim: int,
+        train_mean: Tensor | None = None,
+        context_dim: int = 0,
+        context_mean: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dim, self.context_dim = data_dim, context_dim
+        if train_mean is None:
+            train_mean = torch.full((data_dim,), 0.5)
+        if context_mean is None:
+            context_mean = torch.zeros(context_dim)
+        self.register_buffer("train_mean", torch.as_tensor(train_mean, dtype=torch.float32))
+        self.register_buffer("context_mean", torch.as_tensor(context_mean, dtype=torch.float32))
+
+    def init_output_bias(self, decoder: nn.Sequential) -> None:
+        """The decoder's last bias at logit(clipped pixel mean): p(x | z) starts at the data's
+        marginal."""
+        clipped = self.train_mean.clamp(BIAS_CLIP, 1 - BIAS_CLIP)
+        with torch.no_grad():
+            decoder[-1].bias.copy_(torch.logit(clipped))
+
+    def centred_context(self, context: Tensor | None) -> Tensor | None:
+        """``context - context_mean`` ``[B, C]`` (``None`` for an unconditional model)."""
+        if self.context_dim == 0:
+            return None
+        if context is None or context.shape[-1] != self.context_dim:
+            raise ValueError(f"this model needs a context of size {self.context_dim}")
+        return context - self.context_mean
+
+
+class VAE(CentredData):
     """q(z | x[, c]) Gaussian, p(z[ | c]) Gaussian, p(x | z[, c]) Bernoulli.
 
     :param data_dim: number of (binary) pixels in x.
@@ -81,21 +125,12 @@ class VAE(nn.Module):
         context_dim: int = 0,
         context_mean: Tensor | None = None,
     ) -> None:
-        super().__init__()
-        self.data_dim, self.latent_dim, self.context_dim = data_dim, latent_dim, context_dim
+        super().__init__(data_dim, train_mean, context_dim, context_mean)
+        self.latent_dim = latent_dim
         hidden_dims = list(hidden_dims)
-        if train_mean is None:
-            train_mean = torch.full((data_dim,), 0.5)
-        if context_mean is None:
-            context_mean = torch.zeros(context_dim)
-        self.register_buffer("train_mean", torch.as_tensor(train_mean, dtype=torch.float32))
-        self.register_buffer("context_mean", torch.as_tensor(context_mean, dtype=torch.float32))
-
         self.encoder = GaussianMLP(data_dim + context_dim, hidden_dims, latent_dim, activation)
         self.decoder = mlp(latent_dim + context_dim, hidden_dims, data_dim, activation)
-        clipped = self.train_mean.clamp(BIAS_CLIP, 1 - BIAS_CLIP)
-        with torch.no_grad():
-            self.decoder[-1].bias.copy_(torch.logit(clipped))
+        self.init_output_bias(self.decoder)
         self.prior = (
             GaussianMLP(context_dim, hidden_dims, latent_dim, activation) if context_dim else None
         )
@@ -111,24 +146,17 @@ class VAE(nn.Module):
         return list(self.encoder.parameters())
 
     # -- densities ----------------------------------------------------------------------------
-    def _centred_context(self, context: Tensor | None, batch: int) -> Tensor | None:
-        if self.context_dim == 0:
-            return None
-        if context is None or context.shape[-1] != self.context_dim:
-            raise ValueError(f"this model needs a context of size {self.context_dim}")
-        return context - self.context_mean  # [B, C]
-
     def posterior_params(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and scale of q(z | x[, c]), each ``[B, Dz]``."""
         inputs = x - self.train_mean
-        c = self._centred_context(context, x.shape[0])
+        c = self.centred_context(context)
         if c is not None:
             inputs = torch.cat([inputs, c], dim=-1)
         return self.encoder(inputs)
 
     def log_joint(self, x: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
         """log p(x, z[ | c]) for z ``[K, B, Dz]`` and x ``[B, Dx]``: returns ``[K, B]``."""
-        c = self._centred_context(context, x.shape[0])
+        c = self.centred_context(context)
         if c is None:
             log_prior = (-0.5 * z**2 - 0.5 * _LOG_2PI).sum(-1)  # [K, B]
             dec_in = z

@@ -267,7 +267,7 @@ def naive_propose(self, x, context, eps):
     """TwoLayerVAE.propose as the common DReG implementation writes it: q(z2 | z1)'s *tensors*
     detached in the path term, which drops d log q(z2 | z1) / d z1 (biased for K > 1)."""
     eps1, eps2 = self._split_noise(eps, x)
-    c = self._centred_context(context)
+    c = self.centred_context(context)
     mean1, scale1 = self._q1(x, c)
     z1 = mean1 + scale1 * eps1
     mean2, scale2 = self.encoder_z2(self._with_context(z1, c))
