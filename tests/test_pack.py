@@ -278,6 +278,7 @@ def test_jobs_of_uneven_length_on_struct_mnist_pack_and_finish_as_alone(tmp_path
     pack = tmp_path / "pack"
     result = cli("-m", *args, steps, PACKED, f"hydra.sweep.dir={pack}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Pack 1: done, 11 joint steps" in result.stdout + result.stderr
     alone = tmp_path / "alone"
     result = cli("-m", *args, steps, f"hydra.sweep.dir={alone}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -285,6 +286,20 @@ def test_jobs_of_uneven_length_on_struct_mnist_pack_and_finish_as_alone(tmp_path
         metrics = json.loads((pack / job / "metrics.json").read_text())
         assert metrics["global_step"] == want and metrics["pack_size"] == 2
         assert_close_records(pack / job, alone / job)
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_one_step_per_call_still_steps_the_jobs_together(tmp_path):
+    """model.steps_per_call=1: 6 joint steps for 2 jobs of 6 steps (one after another: 12)."""
+    sweep = tmp_path / "pack"
+    result = cli("-m", *SWEEP, "seed=0,1", "model.steps_per_call=1", "trainer.max_steps=6",
+                 "trainer.val_check_interval=3", PACKED, f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr + "".join(p.read_text() for p in sweep.glob("*.log"))
+    assert "Pack 1: done, 6 joint steps" in log, log[-2000:]
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "metrics.json").read_text())["global_step"] == 6
 
 
 @requires_mnist

@@ -265,10 +265,14 @@ def test_nan_skip_policy_drops_the_update_and_counts_it(tiny_cfg, tmp_path, monk
     inject_nan_at_call(monkeypatch, 3)
     cfg = tiny_cfg("trainer.max_steps=6", "model.nonfinite=skip")
     metrics = train(cfg)
-    assert metrics["global_step"] == 6  # skipped updates do not count as steps
     assert metrics["train/skipped_steps"] == 1
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+    # A skipped update counts toward max_steps, as Lightning's own loop counts it: 6 steps
+    # took 6 batches (5 applied updates), not 7 batches to reach 6 applied ones.
+    assert metrics["global_step"] == 6
+    (loader,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert (loader["epoch"], loader["consumed"]) == (0, 6)
 
 
 # -- sweeps and determinism -----------------------------------------------------------------
