@@ -140,10 +140,11 @@ def markdown(results: dict) -> str:
                                                      results['rates']['loop'], strict=True))
         + ")",
         f"- a packed job's step / its step alone: **{per_step['pack'] / per_step['solo']:.2f}x**",
-        f"- the paper's grid (48 runs x 5M steps) at the pack's rate: "
-        f"{GRID_MODEL_STEPS / med['pack'] / 3600:,.0f} hours of this process",
-        "",
     ]  # fmt: skip
+    if results["name"] == "paper":
+        lines.append(f"- the paper's grid (48 runs x 5M steps) at the pack's rate: "
+                     f"{GRID_MODEL_STEPS / med['pack'] / 3600:,.0f} hours of this process")
+    lines.append("")
     return "\n".join(lines)
 
 
