@@ -127,6 +127,21 @@ class PreemptionCheckpoint(pl.Callback):
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
         self._previous_sigint: Any = None
+        self._stop_after_validation = False
+
+    # A stop signal during validation takes effect when validation ends. Lightning would stop
+    # after the current validation batch and save a checkpoint whose validation is half done,
+    # with the random streams part-way through it: a resume cannot redo that validation with
+    # the same draws, so the resumed run's numbers would differ from an uninterrupted one's.
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.received_sigterm and not trainer.sanity_checking:
+            trainer._signal_connector.received_sigterm = False
+            self._stop_after_validation = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_after_validation:
+            self._stop_after_validation = False
+            trainer._signal_connector.received_sigterm = True  # stops after this step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registered its SIGTERM handler before training; Ctrl-C takes the same path.

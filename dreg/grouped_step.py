@@ -60,9 +60,12 @@ def group_boundaries(trainer: pl.Trainer, log_every_n_steps: int) -> tuple[int, 
     return tuple(int(b) for b in bounds if b and b > 0)
 
 
-def align_cadence(trainer: pl.Trainer, steps_done: int, val_every: int, log_every: int) -> None:
+def align_cadence(
+    trainer: pl.Trainer, steps_done: int, val_every: int, log_every: int, stepped: bool = True
+) -> None:
     """Make Lightning's per-call triggers fire after this call exactly when a run of one step
-    per call would fire them after step ``steps_done``.
+    per call would fire them after step ``steps_done``; never after a call that took no step
+    (a stop signal before its first step), which would validate the same step twice.
 
     Lightning validates when ``(calls done) % trainer.val_check_batch == 0`` and writes a log
     row when ``(calls done) % trainer.log_every_n_steps == 0``. With groups of varying length
@@ -72,9 +75,10 @@ def align_cadence(trainer: pl.Trainer, steps_done: int, val_every: int, log_ever
     """
     loop = trainer.fit_loop.epoch_loop
     calls = loop.total_batch_idx + 1
-    trainer.val_check_batch = calls if steps_done % val_every == 0 else calls + 1
+    trainer.val_check_batch = calls if stepped and steps_done % val_every == 0 else calls + 1
     logged_calls = loop._batches_that_stepped + 1  # the count Lightning's should_update_logs uses
-    trainer.log_every_n_steps = logged_calls if steps_done % log_every == 0 else logged_calls + 1
+    fire = stepped and steps_done % log_every == 0
+    trainer.log_every_n_steps = logged_calls if fire else logged_calls + 1
 
 
 def count_optimizer_step(trainer: pl.Trainer) -> None:

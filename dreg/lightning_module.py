@@ -97,6 +97,7 @@ class DReGModule(pl.LightningModule):
         # in every checkpoint so that a resume can be checked against it.
         self.experiment: dict | None = None
         self._final_row: dict[str, Tensor] | None = None
+        self._stepped = True  # the last training call took a step (see align_cadence)
         self.steps_per_call, self.cuda_graph = steps_per_call, cuda_graph
         self.clip_grad_norm = clip_grad_norm
         # Every step is taken under manual optimization, by dreg.step.
@@ -190,6 +191,7 @@ class DReGModule(pl.LightningModule):
     def _finish_run(self, group: BatchGroup, result: RunResult) -> None:
         """After a run of steps: give back untrained batches, apply the non-finite policy,
         log what one step per call would log at the run's last step."""
+        self._stepped = result.steps > 0
         if result.steps < len(group):
             group.return_unused(len(group) - result.steps)
         if result.first_bad >= 0 and self.nonfinite == "raise":
@@ -218,7 +220,7 @@ class DReGModule(pl.LightningModule):
             self._final_row = {"train/objective": objective, "train/iwae_bound": bound}
 
     def on_train_batch_end(self, outputs, batch: BatchGroup, batch_idx: int) -> None:
-        align_cadence(self.trainer, self.global_step, *self._cadence)
+        align_cadence(self.trainer, self.global_step, *self._cadence, self._stepped)
         if self._final_row is not None and self.global_step == self.trainer.max_steps:
             row = {k: float(v) for k, v in self._final_row.items()}
             for logger in self.loggers:

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from dreg.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
@@ -273,6 +274,48 @@ def test_nan_skip_policy_drops_the_update_and_counts_it(tiny_cfg, tmp_path, monk
     assert metrics["global_step"] == 6
     (loader,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert (loader["epoch"], loader["consumed"]) == (0, 6)
+
+
+class StopSignalAtStep(pl.Callback):
+    """A stop signal, as Lightning's SIGTERM handler records it, at step ``step``: ``end`` of
+    the training call that reaches it (right before that step's validation), or ``start`` of
+    the next call (right after the validation, before the call's first step)."""
+
+    def __init__(self, step: int, when: str) -> None:
+        self.step, self.when = step, when
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step == self.step:
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if self.when == "end":
+            self._stop(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if self.when == "start":
+            self._stop(trainer)
+
+
+@requires_mnist
+@pytest.mark.parametrize("when", ["end", "start"])
+def test_a_stop_signal_next_to_validation_keeps_the_resume_exact(tmp_path, when):
+    # "end": Lightning alone would stop after the first of the two validation batches and
+    # save a half-done validation. "start": a call that takes no step must not validate the
+    # same step again. Either way a resume could not repeat the uninterrupted run's draws.
+    cadence = ["trainer.max_steps=8", "trainer.val_check_interval=4",
+               "trainer.limit_val_batches=2", "dataset.eval_batch_size=25"]  # fmt: skip
+    whole = train(compose_config([*TINY_RUN, *cadence], tmp_path / "whole"))
+    out = tmp_path / "cut"
+    stop = ["+callbacks.stop._target_=tests.test_reliability.StopSignalAtStep",
+            "+callbacks.stop.step=4", f"+callbacks.stop.when={when}"]  # fmt: skip
+    cut = train(compose_config([*TINY_RUN, *cadence, *stop], out))
+    assert cut["status"] == "preempted" and cut["global_step"] == 4
+    assert load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 4
+    resumed = train(compose_config([*TINY_RUN, *cadence, "resume=true"], out))
+    assert resumed["global_step"] == 8
+    for key in ("val/log_likelihood", "val/bound", "test/log_likelihood", "train/objective"):
+        assert resumed[key] == whole[key], key
 
 
 # -- sweeps and determinism -----------------------------------------------------------------
