@@ -114,6 +114,13 @@ def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:
         ) from err
 
 
+def request_stop(trainer: pl.Trainer, stop: bool = True) -> None:
+    """Set what Lightning's own SIGTERM handler sets: the trainer stops at its next step
+    boundary and raises ``SIGTERMException`` (a pack's jobs get their signals this way: only
+    the main thread's handler runs)."""
+    trainer._signal_connector.received_sigterm = stop
+
+
 class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM/SIGINT: finish the step, save ``dirpath/last.ckpt``, stop.
 
@@ -135,13 +142,13 @@ class PreemptionCheckpoint(pl.Callback):
     # the same draws, so the resumed run's numbers would differ from an uninterrupted one's.
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.received_sigterm and not trainer.sanity_checking:
-            trainer._signal_connector.received_sigterm = False
+            request_stop(trainer, False)
             self._stop_after_validation = True
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._stop_after_validation:
             self._stop_after_validation = False
-            trainer._signal_connector.received_sigterm = True  # stops after this step
+            request_stop(trainer)  # stops after this step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registered its SIGTERM handler before training; Ctrl-C takes the same path.

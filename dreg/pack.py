@@ -53,7 +53,7 @@ from pytorch_lightning.trainer.states import RunningStage
 from torch import Tensor
 
 from dreg.captured_step import CapturedStep
-from dreg.checkpointing import rng_state, set_rng_state
+from dreg.checkpointing import request_stop, rng_state, set_rng_state
 from dreg.grouped_step import count_optimizer_step, has_gradient_hooks
 from dreg.step import Replicas
 
@@ -122,10 +122,21 @@ def one_malloc_arena() -> None:
         pass
 
 
-def _ask_to_stop(trainer: Any) -> None:
-    """What Lightning's own SIGTERM handler does (it is registered in the main thread only):
-    the trainer stops at its next step boundary and raises ``SIGTERMException``."""
-    trainer._signal_connector.received_sigterm = True
+
+@dataclass
+class _Cohort:
+    """Jobs of a pack stepped as one model: their replicas and, with ``model.cuda_graph=true``
+    on CUDA, the captured joint step."""
+
+    replicas: Replicas
+    captured: CapturedStep | None = None
+
+    def step(self, rows: Tensor, data: Tensor, split: Any) -> None:
+        """One step of every replica on the batches at ``rows`` ``[M, B]`` of ``data``."""
+        if self.captured is not None:  # the whole joint step, one graph replay
+            self.captured.replay(rows)
+        else:
+            self.replicas.step(data[rows], split, Tensor.backward)
 
 
 # -- the scheduler -------------------------------------------------------------------------------
@@ -154,8 +165,7 @@ class Pack:
         self._cond = threading.Condition()  # its lock is the right to run
         self._members: list[_Member] = []
         self._stopping = False
-        self._cohorts: dict[tuple[int, ...], Replicas] = {}
-        self._captured: dict[tuple[int, ...], CapturedStep] = {}  # model.cuda_graph=true
+        self._cohorts: dict[tuple[int, ...], _Cohort] = {}  # by the ids of its modules
         self.steps = 0  # joint steps taken (for the log)
 
     @property
@@ -214,13 +224,13 @@ class Pack:
         self._stopping = True
         for member in self._members:
             if member.trainer is not None:
-                _ask_to_stop(member.trainer)
+                request_stop(member.trainer)
 
     def attach(self, trainer: Any) -> None:
         """The calling job trains with ``trainer`` (stop signals reach it through the pack)."""
         _local.member.trainer = trainer
         if self._stopping:
-            _ask_to_stop(trainer)
+            request_stop(trainer)
 
     # -- the barrier ---------------------------------------------------------------------------
     def train(self, module: Any, group: Any) -> RunResult:
@@ -261,25 +271,21 @@ class Pack:
         another); requests with steps left wait for the others' next run."""
         n = min(len(r.group) - r.offset for r in requests)
         cohorts = self._cohorts_of(requests)
-        for replicas, _ in cohorts:
-            replicas.start_run()
+        for cohort, _ in cohorts:
+            cohort.replicas.start_run()
         taken = 0
         for _ in range(n):
             if any(r.module.stop_requested() for r in requests):
                 break
-            for replicas, members in cohorts:
+            for cohort, members in cohorts:
                 rows = torch.stack([r.group.rows[r.offset + taken] for r in members])
-                captured = self._captured.get(tuple(id(r.module) for r in members))
-                if captured is not None:  # the whole joint step, one graph replay
-                    captured.replay(rows)
-                else:
-                    images = members[0].group.data[rows]
-                    replicas.step(images, members[0].module.split, Tensor.backward)
+                cohort.step(rows, members[0].group.data, members[0].module.split)
             for request in requests:
                 count_optimizer_step(request.module.trainer)
             taken += 1
             self.steps += 1
-        for replicas, members in cohorts:
+        for cohort, members in cohorts:
+            replicas = cohort.replicas
             modules = [r.module for r in members]
             replicas.store(modules, [m.optimizers().optimizer for m in modules])
             first_bad, skipped = (
@@ -302,7 +308,7 @@ class Pack:
                         replicas.iwae_bound[i].clone(),
                     )
 
-    def _cohorts_of(self, requests: list[_Request]) -> list[tuple[Replicas, list[_Request]]]:
+    def _cohorts_of(self, requests: list[_Request]) -> list[tuple[_Cohort, list[_Request]]]:
         """The requests in cohorts (same optimizer and step settings), each one stacked model;
         kept while the same jobs train together (their copies are the current state)."""
         by_key: dict[tuple, list[_Request]] = {}
@@ -312,8 +318,8 @@ class Pack:
         for members in by_key.values():
             ids = tuple(id(r.module) for r in members)
             used.add(ids)
-            replicas = self._cohorts.get(ids)
-            if replicas is None:
+            cohort = self._cohorts.get(ids)
+            if cohort is None:
                 modules = [r.module for r in members]
                 optimizers = [m.optimizers().optimizer for m in modules]
                 settings = modules[0].step_settings()
@@ -324,19 +330,19 @@ class Pack:
                     replicas = Replicas.stacked(
                         modules, optimizers, [m.noise for m in modules], **settings
                     )
-                self._cohorts[ids] = replicas
                 for i, module in enumerate(modules):
                     if has_gradient_hooks(module.trainer):
                         replicas.observers[i] = _observer(replicas, module)
+                captured = None
                 if modules[0]._captured_wanted:  # set up only without gradient hooks
                     group = members[0].group
-                    self._captured[ids] = CapturedStep(
+                    captured = CapturedStep(
                         replicas, group.data, modules[0].split, group.rows.shape[1]
                     )
-            cohorts.append((replicas, members))
+                cohort = self._cohorts[ids] = _Cohort(replicas, captured)
+            cohorts.append((cohort, members))
         for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
             del self._cohorts[ids]
-            self._captured.pop(ids, None)
         return cohorts
 
 

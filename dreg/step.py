@@ -443,22 +443,29 @@ class Replicas:
         return [int(f) for f in first], [int(s) for s in skipped]
 
 
+# The config key of each step setting, for the messages.
+_SETTING_KEYS = {
+    "num_samples": "model.num_samples",
+    "antithetic": "model.antithetic",
+    "train_model": "train_model",
+    "clip_norm": "model.clip_grad_norm",
+}
+
+
 def _check_same_step(modules: Sequence, settings: dict) -> None:
     """One clear line when the jobs of a stack would not take the same step (a different K
     would silently train every replica at the first job's K)."""
+    shapes = [tuple(p.shape) for p in modules[0].net.parameters()]
     for i, module in enumerate(modules):
-        own = module.step_settings()
-        for key, value in own.items():
+        for key, value in module.step_settings().items():
             if settings.get(key, value) != value:
-                name = "model.num_samples" if key == "num_samples" else f"model.{key}"
+                name = _SETTING_KEYS.get(key, key)
                 raise ValueError(
                     f"job {i} of a stacked pack has {name}={value}, the pack steps with "
                     f"{name}={settings[key]}: replicas must share K and sampling; put such "
                     "jobs in separate packs (dreg.packed_launcher.pack_key keeps them apart)"
                 )
-        shapes = [tuple(p.shape) for p in module.net.parameters()]
-        first = [tuple(p.shape) for p in modules[0].net.parameters()]
-        if shapes != first:
+        if [tuple(p.shape) for p in module.net.parameters()] != shapes:
             raise ValueError(
                 f"job {i} of a stacked pack has other parameter shapes than job 0; only "
                 "jobs of the same network sizes stack (model.net must match)"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -115,3 +116,16 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert path.exists(), f"{path} never appeared"
+
+
+def assert_same_checkpoint_state(got: dict, want: dict) -> None:
+    """Two checkpoints hold the same training state, bitwise: step, weights, Adam state."""
+    assert got["global_step"] == want["global_step"]
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for name, tensor in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    (got_opt,), (want_opt,) = got["optimizer_states"], want["optimizer_states"]
+    assert got_opt["state"].keys() == want_opt["state"].keys()
+    for key, state in want_opt["state"].items():
+        for field, value in state.items():
+            assert torch.equal(got_opt["state"][key][field], value), (key, field)

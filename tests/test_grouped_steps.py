@@ -22,7 +22,15 @@ from dreg.checkpointing import load_checkpoint
 from dreg.datamodules.batches import GroupedBatches, ShuffledBatches
 from dreg.errors import EXIT_PREEMPTED
 from dreg.run import train
-from tests.conftest import TINY_RUN, cli, compose_config, requires_mnist, start_cli, wait_for
+from tests.conftest import (
+    TINY_RUN,
+    assert_same_checkpoint_state,
+    cli,
+    compose_config,
+    requires_mnist,
+    start_cli,
+    wait_for,
+)
 from tests.test_reliability import inject_nan_at_call
 
 # 21 steps: one epoch (16) and a bit; validation every 5, log rows every 3, groups of 4.
@@ -40,20 +48,13 @@ def run(out: Path, *overrides: str) -> dict:
 
 
 def assert_same_training(got: dict, want: dict) -> None:
-    assert got["checkpoint"]["global_step"] == want["checkpoint"]["global_step"]
+    assert_same_checkpoint_state(got["checkpoint"], want["checkpoint"])
     assert got["checkpoint"]["epoch"] == want["checkpoint"]["epoch"]
-    assert got["checkpoint"]["state_dict"].keys() == want["checkpoint"]["state_dict"].keys()
-    for name, tensor in want["checkpoint"]["state_dict"].items():
-        assert torch.equal(got["checkpoint"]["state_dict"][name], tensor), name
     (got_opt,), (want_opt,) = (
         got["checkpoint"]["optimizer_states"],
         want["checkpoint"]["optimizer_states"],
     )
     assert got_opt["param_groups"] == want_opt["param_groups"]
-    assert got_opt["state"].keys() == want_opt["state"].keys()
-    for key, state in want_opt["state"].items():
-        for field, value in state.items():
-            assert torch.equal(got_opt["state"][key][field], value), (key, field)
     assert got["rows"] == want["rows"]  # every logged value, at the same steps
     loader = "loops"  # the data position (epoch, batches consumed) continues identically
     assert (
@@ -228,9 +229,5 @@ def test_preempted_grouped_run_resumes_bitwise_identical_to_single_steps(tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     got = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     want = load_checkpoint(reference / "checkpoints" / "last.ckpt")
-    assert got["global_step"] == want["global_step"] == 40
-    for name, tensor in want["state_dict"].items():
-        assert torch.equal(got["state_dict"][name], tensor), name
-    for key, state in want["optimizer_states"][0]["state"].items():
-        for field, value in state.items():
-            assert torch.equal(got["optimizer_states"][0]["state"][key][field], value), key
+    assert want["global_step"] == 40
+    assert_same_checkpoint_state(got, want)

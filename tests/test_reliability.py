@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from dreg.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
+from dreg.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint, request_stop
 from dreg.config import ConfigError, validate
 from dreg.errors import EXIT_PREEMPTED
 from dreg.model import VAE
@@ -286,7 +286,7 @@ class StopSignalAtStep(pl.Callback):
 
     def _stop(self, trainer: pl.Trainer) -> None:
         if trainer.global_step == self.step:
-            trainer._signal_connector.received_sigterm = True
+            request_stop(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if self.when == "end":
