@@ -1,7 +1,11 @@
 """Checkpoints: safe loading, clear errors, and the save-and-stop that makes preemption exact.
 
-Saving is Lightning's own: its ``TorchCheckpointIO`` serializes to memory and writes the file
-in one atomic step, so a kill while saving never leaves a torn ``last.ckpt`` (tested).
+Saving (:class:`SafeCheckpointIO`) writes a temporary file in the checkpoint's own folder,
+flushes it to the disk and renames it over the target: a kill, or a disk that fills up, while
+saving never leaves a torn file under a checkpoint's name, and the previous ``last.ckpt`` stays
+intact (tested). A full disk, quota or I/O error is :class:`~dreg.errors.StorageError` (exit 8).
+The paths a checkpoint holds (``ModelCheckpoint``'s best and last files) are stored relative
+to its folder, so a moved or copied run folder resumes and tests its own files.
 
 Loading never runs code from the file: ``torch.load(weights_only=True)`` with an explicit
 allow-list of the few non-tensor types our checkpoints hold (NumPy's RNG state,
@@ -21,6 +25,7 @@ run is bitwise identical to an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import pickle
 import random
@@ -37,6 +42,7 @@ from lightning_fabric.utilities.data import AttributeDict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dreg.errors import CheckpointError
+from dreg.files import atomic_write, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +94,75 @@ SAFE_GLOBALS = [
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO (atomic save) with :func:`load_checkpoint` for every load."""
+    """Every checkpoint Lightning saves or loads: atomic and durable saves, paths relative to
+    the checkpoint's folder, and :func:`load_checkpoint` for every load.
+
+    Lightning's own save writes through a temporary folder that may be on another filesystem
+    (then its final move is a copy, which a full disk cuts short under the final name).
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        try:
+            with atomic_write(path, "wb", durable=True) as f:
+                torch.save(with_paths(checkpoint, relative_to(path.parent)), f)
+        except OSError as err:
+            full = storage_error(err, path)
+            if full is None:
+                raise
+            raise full from err
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return load_checkpoint(path, map_location or "cpu")
+        checkpoint = load_checkpoint(path, map_location or "cpu")
+        return with_paths(checkpoint, resolved_in(Path(path).parent))
+
+
+# -- paths inside checkpoints ---------------------------------------------------------------
+# ModelCheckpoint's state names the run's checkpoint files (its folder, the best, the last).
+# Absolute, they would point a moved or copied run folder back at the old one's files.
+PATH_FIELDS = ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def with_paths(checkpoint: dict[str, Any], convert: Any) -> dict[str, Any]:
+    """``checkpoint`` with every ``ModelCheckpoint`` path passed through ``convert`` (a copy:
+    the callbacks' own state is left as it is)."""
+    callbacks = {
+        key: _convert_paths(state, convert) if _names_checkpoint_files(state) else state
+        for key, state in checkpoint.get("callbacks", {}).items()
+    }
+    return {**checkpoint, "callbacks": callbacks} if callbacks else checkpoint
+
+
+def _names_checkpoint_files(state: Any) -> bool:
+    return isinstance(state, dict) and "dirpath" in state and "best_model_path" in state
+
+
+def _convert_paths(state: dict[str, Any], convert: Any) -> dict[str, Any]:
+    state = {**state, **{k: convert(state[k]) for k in PATH_FIELDS if state.get(k)}}
+    if isinstance(state.get("best_k_models"), dict):
+        state["best_k_models"] = {convert(k): v for k, v in state["best_k_models"].items()}
+    return state
+
+
+def relative_to(folder: Path) -> Any:
+    """A path inside ``folder`` as relative to it (``.`` for the folder); others unchanged."""
+
+    def convert(path: str) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(folder.resolve()))
+        except ValueError:
+            return str(path)
+
+    return convert
+
+
+def resolved_in(folder: Path) -> Any:
+    """A relative path as the absolute one inside ``folder`` (Lightning compares real paths)."""
+
+    def convert(path: str) -> str:
+        return path if os.path.isabs(path) else os.path.realpath(folder / path)
+
+    return convert
 
 
 def load_net_weights(net: torch.nn.Module, ckpt_path: str | Path) -> None:

@@ -789,6 +789,8 @@ def monte_carlo_objective(
             f"estimator '{estimator.name}' needs num_samples >= {estimator.min_samples}, "
             f"got {num_samples}"
         )
+    if isinstance(num_samples, int):
+        estimator.validate_num_samples(num_samples)  # its own rules (e.g. MIWAE's groups)
     noise = _independent_noise(noise, estimator)
     if isinstance(proposal, HierarchicalProposal | list | tuple):
         particles = make_hierarchical_particles(proposal, log_joint, num_samples, noise)

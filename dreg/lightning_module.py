@@ -1,8 +1,10 @@
 """DReGModule: the VAE trained with a swappable gradient estimator, and its evaluation.
 
 Training goes through :mod:`dreg.step`, the one home of the training step (forward,
-estimator, routed backward, non-finite policy, optimizer step), alone or with the other jobs
-of a pack (:mod:`dreg.pack`). Each Lightning training call performs a run of
+estimator, routed backward, non-finite policy, optimizer step), and :mod:`dreg.cohort`, the
+one home of the run of steps around it: alone (a pack of one) or with the other jobs of a
+pack (:mod:`dreg.pack`). The module is the job that both ask for
+(:class:`dreg.cohort.TrainingJob`). Each Lightning training call performs a run of
 ``model.steps_per_call`` optimizer steps (:mod:`dreg.grouped_step` keeps validation, logging
 and checkpoints on their step counts). What is logged is always the estimator's true bound,
 never a surrogate.
@@ -18,7 +20,7 @@ import torch
 from pytorch_lightning.trainer import call
 from torch import Tensor
 
-from dreg.captured_step import CapturedStep
+from dreg.cohort import Cohorts, Request, RunResult
 from dreg.datamodules.binarized import Batch, BatchGroup
 from dreg.errors import NonFiniteError
 from dreg.estimators import Estimator
@@ -33,9 +35,8 @@ from dreg.grouped_step import (
     set_step_count,
 )
 from dreg.model import VAE
-from dreg.pack import RunResult, current_pack
+from dreg.pack import current_pack
 from dreg.seeds import NOISE_STREAM, derived_seed, reseed_rank
-from dreg.step import Replicas
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ class DReGModule(pl.LightningModule):
         parameters together) to this 2-norm, as ``torch.nn.utils.clip_grad_norm_``; ``None``
         (default) does not clip. (Lightning's ``trainer.gradient_clip_val`` does not reach a
         manually optimized step, so the config check refuses it and names this option.)
+    :param max_skipped_fraction: under ``nonfinite=skip``, the run fails (exit 6) once more
+        than this fraction of its ``trainer.max_steps`` (without a step budget: of the steps
+        taken, checked at the end) were skipped: a run that dropped most of its updates did
+        not train, and must not be recorded as completed.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class DReGModule(pl.LightningModule):
         steps_per_call: int = 4,
         cuda_graph: bool = False,
         clip_grad_norm: float | None = None,
+        max_skipped_fraction: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "estimator", "optimizer"])
@@ -99,17 +105,22 @@ class DReGModule(pl.LightningModule):
         self._final_row: dict[str, Tensor] | None = None
         self._stepped = True  # the last training call took a step (see align_cadence)
         self.steps_per_call, self.cuda_graph = steps_per_call, cuda_graph
-        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_norm, self.max_skipped_fraction = clip_grad_norm, max_skipped_fraction
+        if antithetic and estimator.needs_independent_samples:
+            raise ValueError(
+                f"antithetic=True: estimator '{estimator.name}' is unbiased only for "
+                "independent samples; use antithetic=False or iwae/vae/stl/rws/jvi"
+            )
         # Every step is taken under manual optimization, by dreg.step.
         self.automatic_optimization = False
-        # The training noise generator (setup), its checkpointed state, the step's replica.
+        # The training noise generator (setup), its checkpointed state.
         self.noise: torch.Generator | None = None
         self._noise_state: torch.Tensor | None = None
-        self._replicas: Replicas | None = None
         self.step_inputs: tuple | None = None  # (x, context, eps) of the step being taken
+        # A run alone takes its steps as a pack of one (dreg.cohort); a pack has its own.
+        self._cohorts = Cohorts()
         # Decided in setup("fit") from the trainer: the captured step.
         self._captured_wanted = False
-        self._captured: CapturedStep | None = None
         self._cadence: tuple[int, int] | None = None  # (val_check_interval, log_every_n_steps)
         self._saved_triggers: tuple | None = None
         if compile:
@@ -121,45 +132,30 @@ class DReGModule(pl.LightningModule):
             for p in self.net.model_parameters():
                 p.requires_grad_(False)
 
-    # -- training: runs of steps through dreg.step (alone) or dreg.pack (with other jobs) -----
+    # -- training: runs of steps through dreg.cohort (alone) or dreg.pack (with other jobs) ----
     def training_step(self, group: BatchGroup, batch_idx: int) -> None:
         """``len(group)`` optimizer steps (fewer when a stop signal arrives)."""
         pack = current_pack()
         if pack is not None:
             result = pack.train(self, group)
-        else:
-            result = self._train_alone(group)
+        else:  # a pack of one: the same run of steps
+            request = Request(self, group)
+            self._cohorts.run([request])
+            result = request.result
         self._finish_run(group, result)
 
-    def _train_alone(self, group: BatchGroup) -> RunResult:
-        replicas = self.replicas()
-        replicas.start_run()
-        done = 0
-        for i in range(len(group)):
-            if self.stop_requested():
-                break
-            if self._captured is not None:
-                self._captured.replay(group.rows[i].unsqueeze(0))
-            else:
-                images = group.data[group.rows[i]].unsqueeze(0)
-                replicas.step(images, self.split, self.manual_backward)
-            count_optimizer_step(self.trainer)
-            done += 1
-        first_bad, skipped = replicas.faults() if done else ([-1], [0])
-        return RunResult(
-            done, first_bad[0], skipped[0], replicas.objective[0], replicas.iwae_bound[0]
-        )
+    # -- what the run of steps asks of a job (dreg.cohort.TrainingJob) -----------------------
+    def training_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizers().optimizer
 
-    def replicas(self) -> Replicas:
-        """This job's model and optimizer as the one replica of :class:`dreg.step.Replicas`."""
-        if self._replicas is None:
-            self._replicas = Replicas.alone(
-                self, self.optimizers().optimizer, self.noise, **self.step_settings()
-            )
-            if has_gradient_hooks(self.trainer):
-                replicas = self._replicas
-                replicas.observers[0] = lambda m: self.before_update(replicas.inputs_of(m))
-        return self._replicas
+    def observes_gradients(self) -> bool:
+        return has_gradient_hooks(self.trainer)
+
+    def wants_captured_step(self) -> bool:
+        return self._captured_wanted
+
+    def count_step(self) -> None:
+        count_optimizer_step(self.trainer)
 
     def step_settings(self) -> dict:
         """What every replica of a pack must share (besides the net's shapes)."""
@@ -206,6 +202,8 @@ class DReGModule(pl.LightningModule):
         if not result.steps:
             return
         self.skipped_steps += result.skipped
+        if result.skipped:
+            self._check_skipped(self.trainer.max_steps)
         size = group.rows.shape[1]
         objective, bound = result.objective.clone(), result.iwae_bound.clone()
         self.log("train/objective", objective, prog_bar=True, batch_size=size)
@@ -218,6 +216,18 @@ class DReGModule(pl.LightningModule):
         elif self.global_step == self.trainer.max_steps:
             # A run shorter than log_every_n_steps would otherwise log no training curve.
             self._final_row = {"train/objective": objective, "train/iwae_bound": bound}
+
+    def _check_skipped(self, budget: int) -> None:
+        """Fail once the skipped updates pass ``max_skipped_fraction`` of ``budget`` steps
+        (with a step budget as soon as the run can no longer end under the bound)."""
+        if budget <= 0 or self.skipped_steps <= self.max_skipped_fraction * budget:
+            return
+        raise NonFiniteError(
+            f"model.nonfinite=skip dropped {self.skipped_steps} updates by step "
+            f"{self.global_step}, more than model.max_skipped_fraction="
+            f"{self.max_skipped_fraction} of {budget} steps: the model did not train; lower "
+            "model.optimizer.lr or set model.clip_grad_norm (or raise the bound)"
+        )
 
     def on_train_batch_end(self, outputs, batch: BatchGroup, batch_idx: int) -> None:
         align_cadence(self.trainer, self.global_step, *self._cadence, self._stepped)
@@ -252,6 +262,7 @@ class DReGModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        self._cohorts = Cohorts()  # a new fit: new optimizers, new noise stream
         self._setup_grouping()
         # Every rank was seeded alike, so every rank built the same initial model. The
         # training noise (binarization, latent samples) comes from this job's own generator,
@@ -273,13 +284,10 @@ class DReGModule(pl.LightningModule):
         trainer = self.trainer
         self._saved_triggers = (trainer.val_check_batch, trainer.log_every_n_steps)
         align_cadence(trainer, self.global_step, *self._cadence)
-        if self._captured_wanted and pack is None:
-            datamodule = trainer.datamodule
-            self._captured = CapturedStep(
-                self.replicas(), datamodule.splits["train"], self.split, datamodule.batch_size
-            )
 
     def on_train_end(self) -> None:
+        if self.trainer.max_steps <= 0:  # no step budget: the steps taken
+            self._check_skipped(self.global_step)
         if self._saved_triggers is not None:
             self.trainer.val_check_batch, self.trainer.log_every_n_steps = self._saved_triggers
             self._saved_triggers = None

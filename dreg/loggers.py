@@ -469,3 +469,22 @@ def summarize_wandb(
     }
     for run in runs:
         run.summary.update(summary)
+
+
+@rank_zero_only
+def finish_wandb(loggers: Iterable[Logger]) -> None:
+    """Close the W&B runs (Lightning leaves them open), which flushes their summaries; an
+    offline run's log line names the ``wandb sync`` command that uploads it. Rank 0 only: the
+    other ranks' loggers hold no run.
+
+    Each segment of a resumed offline run is a folder of its own, ``<run dir>/wandb/offline-
+    run-<time>-<id>``, with the same id and the resume recorded. Synced together, W&B uploads
+    them in the order they started as one run whose steps continue; synced alone, a segment
+    could be uploaded before the one it continues. So the command names them all.
+    """
+    for logger in loggers:
+        if isinstance(logger, LightningWandbLogger):
+            segments = Path(logger.experiment.dir).parent.parent
+            logger.experiment.finish()
+            if logger._offline:
+                log.info("W&B run saved offline; upload it with: wandb sync %s", segments)

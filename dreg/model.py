@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
 from dreg.estimators.surrogates import Particles
-from dreg.library import antithetic_noise, diagonal_normal_log_prob, make_particles
+from dreg.library import antithetic_noise, make_particles
 
 _LOG_2PI = math.log(2 * math.pi)
 SCALE_OFFSET = 0.25  # softplus(raw + 0.25): the original's initial scale bias
@@ -177,15 +177,22 @@ class VAE(CentredData):
         return self.latent_dim
 
     def propose(
-        self, x: Tensor, context: Tensor | None, eps: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, x: Tensor, context: Tensor | None, eps: Tensor, score: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """z ``[K, B, Dz]`` = mean + scale * eps, log q(z; stop phi) (z keeps its path) and
         log q(stop z; phi), both ``[K, B]``: what :class:`dreg.step.Replicas` needs, with the
-        same expressions as :func:`dreg.library.make_particles` for a diagonal Gaussian."""
+        same expressions as :func:`dreg.library.make_particles` for a diagonal Gaussian.
+
+        :param score: ``False``: the estimators have no score term (DReG, STL), so log q(stop
+            z; phi) is not built (``None``): its graph would only carry zero gradients.
+        """
         mean, scale = self.posterior_params(x, context)  # [B, Dz] each
         z = mean + scale * eps
-        log_q_stopped = diagonal_normal_log_prob(z, mean.detach(), scale.detach(), 1)
-        log_q_stop_z = diagonal_normal_log_prob(z.detach(), mean, scale, 1)
+        # gaussian_log_prob: diagonal_normal_log_prob's expression for one event dim.
+        log_q_stopped = gaussian_log_prob(z, mean.detach(), scale.detach())
+        if not score:
+            return z, log_q_stopped, None
+        log_q_stop_z = gaussian_log_prob(z.detach(), mean, scale)
         return z, log_q_stopped, log_q_stop_z
 
     def particles(

@@ -5,9 +5,10 @@ loggers, checkpoints, validation, test, records) in a thread of its own, **one t
 time**, so every job stays an ordinary run with its own records. What the jobs share is the
 training itself: each job's training call (a run of ``model.steps_per_call`` steps) waits at
 a barrier (:meth:`Pack.train`), and once every unfinished job waits there, the pack takes
-those steps for all of them at once with :class:`dreg.step.Replicas`: the replicas'
-parameters stacked ``[M, ...]``, the model's own code under ``torch.func.vmap``, one
-backward, one optimizer step for all. So a step's host work (Lightning's loop, the optimizer,
+those steps for all of them at once through :class:`dreg.cohort.Cohorts`, the run of steps
+that a run alone takes too: the replicas' parameters stacked ``[M, ...]``
+(:class:`dreg.step.Replicas`), the model's own code under ``torch.func.vmap``, one backward,
+one optimizer step for all. So a step's host work (Lightning's loop, the optimizer,
 the non-finite check, the thread hand-off) is paid once per pack and run of steps, not once
 per job and step.
 
@@ -26,7 +27,7 @@ Why the jobs cannot change each other's numbers:
 
 Replicas whose optimizers differ (settings, or Adam's step count after a resume) form
 separate cohorts, each one stacked model; a cohort of one trains in place, so a pack of one
-is a normal run, bitwise. With ``model.cuda_graph=true`` on CUDA a cohort's whole joint step
+is a normal run, bitwise (tests/test_paths.py checks every path against a run alone). With ``model.cuda_graph=true`` on CUDA a cohort's whole joint step
 is one captured graph (:mod:`dreg.captured_step`).
 
 What stays, and why: the threads, because each job keeps its own Lightning loop and records;
@@ -46,65 +47,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.trainer.states import RunningStage
-from torch import Tensor
 
-from dreg.captured_step import CapturedStep
 from dreg.checkpointing import request_stop, rng_state, set_rng_state
-from dreg.grouped_step import count_optimizer_step, has_gradient_hooks
-from dreg.step import Replicas
+from dreg.cohort import Cohorts, Request, RunResult, TrainingJob
 
 log = logging.getLogger(__name__)
 
 _local = threading.local()  # .pack, .member: the pack and member of a job's thread
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
-
-
-@dataclass
-class RunResult:
-    """What a run of steps did for one job.
-
-    :ivar steps: steps taken (fewer than the group's when a stop signal arrived).
-    :ivar first_bad: index in the run of the first non-finite step, or -1.
-    :ivar skipped: updates undone under ``nonfinite=skip``.
-    :ivar objective: ``[]`` device tensor, the last step's objective (batch mean).
-    :ivar iwae_bound: ``[]`` device tensor, the last step's IWAE bound (batch mean).
-    """
-
-    steps: int
-    first_bad: int
-    skipped: int
-    objective: Tensor
-    iwae_bound: Tensor
-
-
-@dataclass
-class _Request:
-    """A job's run of steps, waiting at the barrier."""
-
-    module: Any
-    group: Any  # BatchGroup
-    offset: int = 0  # steps of the group already taken
-    first_bad: int = -1
-    skipped: int = 0
-    stopped: bool = False
-    done: bool = False
-    error: BaseException | None = None
-    result: RunResult | None = None
-
-
-def cohort_key(module: Any) -> tuple:
-    """Jobs whose replicas can share one stacked model and optimizer."""
-    state = next(iter(module.optimizers().optimizer.state.values()), {})
-    return (
-        repr(module.optimizer_factory),
-        int(state["step"]) if "step" in state else 0,
-        tuple(sorted(module.step_settings().items())),
-        str(next(module.net.parameters()).device),
-    )
 
 
 def one_malloc_arena() -> None:
@@ -123,22 +76,6 @@ def one_malloc_arena() -> None:
 
 
 
-@dataclass
-class _Cohort:
-    """Jobs of a pack stepped as one model: their replicas and, with ``model.cuda_graph=true``
-    on CUDA, the captured joint step."""
-
-    replicas: Replicas
-    captured: CapturedStep | None = None
-
-    def step(self, rows: Tensor, data: Tensor, split: Any) -> None:
-        """One step of every replica on the batches at ``rows`` ``[M, B]`` of ``data``."""
-        if self.captured is not None:  # the whole joint step, one graph replay
-            self.captured.replay(rows)
-        else:
-            self.replicas.step(data[rows], split, Tensor.backward)
-
-
 # -- the scheduler -------------------------------------------------------------------------------
 @dataclass
 class _Member:
@@ -148,7 +85,7 @@ class _Member:
     name: str
     rng: dict[str, Any] = field(default_factory=dict)
     hydra_cfg: Any = None
-    request: _Request | None = None
+    request: Request | None = None
     trainer: Any = None
     finished: bool = False
 
@@ -165,8 +102,12 @@ class Pack:
         self._cond = threading.Condition()  # its lock is the right to run
         self._members: list[_Member] = []
         self._stopping = False
-        self._cohorts: dict[tuple[int, ...], _Cohort] = {}  # by the ids of its modules
-        self.steps = 0  # joint steps taken (for the log)
+        self._cohorts = Cohorts()  # the run of steps, as for a run alone
+
+    @property
+    def steps(self) -> int:
+        """Joint steps taken."""
+        return self._cohorts.steps
 
     @property
     def size(self) -> int:
@@ -233,11 +174,11 @@ class Pack:
             request_stop(trainer)
 
     # -- the barrier ---------------------------------------------------------------------------
-    def train(self, module: Any, group: Any) -> RunResult:
+    def train(self, job: TrainingJob, group: Any) -> RunResult:
         """Take the steps of ``group`` with every other job's: wait until each unfinished job
         has a run of steps to take, then take them together."""
         member: _Member = _local.member
-        request = member.request = _Request(module, group)
+        request = member.request = Request(job, group)
         member.rng, member.hydra_cfg = rng_state(), HydraConfig.instance().cfg
         self._run_if_all_waiting()
         while not request.done:
@@ -255,9 +196,9 @@ class Pack:
             return
         requests = [m.request for m in live]
         if not self.steps:
-            _start_train_clocks([r.module.trainer for r in requests])
+            _start_train_clocks([r.job.trainer for r in requests])
         try:
-            self._joint_run(requests)
+            self._cohorts.run(requests)
         except Exception as err:  # e.g. out of memory: every job of this run reports it
             for request in requests:
                 request.error, request.done = err, True
@@ -265,85 +206,6 @@ class Pack:
             if member.request.done:
                 member.request = None
         self._cond.notify_all()
-
-    def _joint_run(self, requests: list[_Request]) -> None:
-        """As many steps as every request still has, for all replicas (one cohort after
-        another); requests with steps left wait for the others' next run."""
-        n = min(len(r.group) - r.offset for r in requests)
-        cohorts = self._cohorts_of(requests)
-        for cohort, _ in cohorts:
-            cohort.replicas.start_run()
-        taken = 0
-        for _ in range(n):
-            if any(r.module.stop_requested() for r in requests):
-                break
-            for cohort, members in cohorts:
-                rows = torch.stack([r.group.rows[r.offset + taken] for r in members])
-                cohort.step(rows, members[0].group.data, members[0].module.split)
-            for request in requests:
-                count_optimizer_step(request.module.trainer)
-            taken += 1
-            self.steps += 1
-        for cohort, members in cohorts:
-            replicas = cohort.replicas
-            modules = [r.module for r in members]
-            replicas.store(modules, [m.optimizers().optimizer for m in modules])
-            first_bad, skipped = (
-                replicas.faults() if taken else ([-1] * len(members), [0] * len(members))
-            )
-            for i, request in enumerate(members):
-                if request.first_bad < 0 and first_bad[i] >= 0:
-                    request.first_bad = request.offset + first_bad[i]
-                request.skipped += skipped[i]
-                request.offset += taken
-                stopped = taken < n
-                dead = request.first_bad >= 0 and request.module.nonfinite == "raise"
-                if request.offset == len(request.group) or stopped or dead:
-                    request.done = True
-                    request.result = RunResult(
-                        request.offset,
-                        request.first_bad,
-                        request.skipped,
-                        replicas.objective[i].clone(),
-                        replicas.iwae_bound[i].clone(),
-                    )
-
-    def _cohorts_of(self, requests: list[_Request]) -> list[tuple[_Cohort, list[_Request]]]:
-        """The requests in cohorts (same optimizer and step settings), each one stacked model;
-        kept while the same jobs train together (their copies are the current state)."""
-        by_key: dict[tuple, list[_Request]] = {}
-        for request in requests:
-            by_key.setdefault(cohort_key(request.module), []).append(request)
-        cohorts, used = [], set()
-        for members in by_key.values():
-            ids = tuple(id(r.module) for r in members)
-            used.add(ids)
-            cohort = self._cohorts.get(ids)
-            if cohort is None:
-                modules = [r.module for r in members]
-                optimizers = [m.optimizers().optimizer for m in modules]
-                settings = modules[0].step_settings()
-                if len(modules) == 1:  # a cohort of one trains in place, as a run alone
-                    replicas = Replicas.alone(modules[0], optimizers[0], modules[0].noise,
-                                              **settings)  # fmt: skip
-                else:
-                    replicas = Replicas.stacked(
-                        modules, optimizers, [m.noise for m in modules], **settings
-                    )
-                for i, module in enumerate(modules):
-                    if has_gradient_hooks(module.trainer):
-                        replicas.observers[i] = _observer(replicas, module)
-                captured = None
-                if modules[0]._captured_wanted:  # set up only without gradient hooks
-                    group = members[0].group
-                    captured = CapturedStep(
-                        replicas, group.data, modules[0].split, group.rows.shape[1]
-                    )
-                cohort = self._cohorts[ids] = _Cohort(replicas, captured)
-            cohorts.append((cohort, members))
-        for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
-            del self._cohorts[ids]
-        return cohorts
 
 
 def _start_train_clocks(trainers: Sequence[Any]) -> None:
@@ -355,15 +217,3 @@ def _start_train_clocks(trainers: Sequence[Any]) -> None:
         for callback in trainer.callbacks:
             if isinstance(callback, Timer):
                 callback._start_time[RunningStage.TRAINING] = now
-
-
-def _observer(replicas: Replicas, module: Any) -> Callable[[int], None]:
-    """Shows job ``module`` its replica's gradients in ``p.grad`` and calls its hooks."""
-
-    def observe(m: int) -> None:
-        for name, p in module.net.named_parameters():
-            grad = replicas.params[name].grad
-            p.grad = None if grad is None else grad[m]
-        module.before_update(replicas.inputs_of(m))
-
-    return observe

@@ -37,13 +37,12 @@ JOB_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra
 
 def pack_key(cfg: DictConfig) -> str | None:
     """What a job must share with the others of its pack, or ``None`` when it trains alone
-    (another mode than train, several devices, or a callback that replays every step)."""
+    (another mode than train, or several devices)."""
     trainer = cfg.trainer
     alone = (
         cfg.mode.run.get("_target_") != "dreg.run.train"
         or str(trainer.get("devices", 1)) not in ("1", "[0]", "auto")
         or "ddp" in str(trainer.get("strategy") or "")
-        or "estimator_compare" in (cfg.get("callbacks") or {})
     )
     if alone:
         return None

@@ -13,6 +13,9 @@
 * **Compatibility.** Checkpoints carry the config of the experiment that wrote them
   (:func:`experiment_config`); resuming under a different definition is refused with one line
   listing the differences (:func:`check_resume_compatible`), unless ``resume_allow_changes``.
+* **The run to continue.** ``resume=true`` without a run folder continues the latest
+  interrupted run of the same experiment among its sibling folders
+  (:func:`latest_interrupted_run`).
 
 Only the main process of a run claims its folder: the ranks that Lightning's DDP launcher
 starts later carry ``LOCAL_RANK``/``NODE_RANK`` > 0 and write nothing.
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dreg.errors import ResumeMismatchError, RunFolderError
 from dreg.files import write_json
@@ -193,19 +197,57 @@ def _flatten(tree: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = tree
 
 
-def check_resume_compatible(saved: dict[str, Any] | None, cfg: DictConfig, ckpt: Path) -> None:
-    """Raise :class:`ResumeMismatchError` listing every defining key that differs."""
-    if saved is None or cfg.get("resume_allow_changes"):
-        return
+def experiment_differences(saved: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """Every defining key whose value differs between ``saved`` and ``cfg``, as ``key: a -> b``."""
     now = experiment_config(cfg)
-    changed = [
+    return [
         f"{key}: {saved.get(key, '<absent>')} -> {now.get(key, '<absent>')}"
         for key in sorted(set(saved) | set(now))
         if saved.get(key) != now.get(key)
     ]
+
+
+def check_resume_compatible(saved: dict[str, Any] | None, cfg: DictConfig, ckpt: Path) -> None:
+    """Raise :class:`ResumeMismatchError` listing every defining key that differs."""
+    if saved is None or cfg.get("resume_allow_changes"):
+        return
+    changed = experiment_differences(saved, cfg)
     if changed:
         raise ResumeMismatchError(
             f"checkpoint {ckpt} was written by a different experiment ({'; '.join(changed)}); "
             "resume with the original settings, start a new run folder, or pass "
             "resume_allow_changes=true to continue anyway"
         )
+
+
+# -- the run that resume=true continues -----------------------------------------------------
+# A run stopped before its end that can go on: preempted, or failed with a last.ckpt.
+INTERRUPTED = ("preempted", "failed")
+
+
+def latest_interrupted_run(parent: Path, cfg: DictConfig) -> Path | None:
+    """The run folder directly under ``parent`` interrupted last (by its ``status.json``) whose
+    experiment is ``cfg``'s, or ``None``.
+
+    The experiment is read from the folder's ``.hydra/config.yaml`` rather than its checkpoint:
+    no checkpoint is loaded, and a run whose ``last.ckpt`` is damaged is still found (its
+    resume then names the way out).
+    """
+    found = []
+    for folder in parent.iterdir() if parent.is_dir() else ():
+        record = folder / "status.json"
+        if (folder / "checkpoints" / "last.ckpt").is_file() and record.is_file():
+            if RunFolder(folder).status.get("status") in INTERRUPTED:
+                found.append((record.stat().st_mtime, folder))
+    for _, folder in sorted(found, reverse=True):
+        if _same_experiment(folder, cfg):
+            return folder
+    return None
+
+
+def _same_experiment(folder: Path, cfg: DictConfig) -> bool:
+    try:
+        saved = OmegaConf.load(folder / ".hydra" / "config.yaml")
+        return not experiment_differences(experiment_config(saved), cfg)
+    except (OSError, OmegaConfBaseException):  # no or an unreadable config: not this run's
+        return False

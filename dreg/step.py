@@ -39,8 +39,11 @@ reads the flags once per run of steps (:meth:`Replicas.faults`) and fails that j
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +78,27 @@ class _Evaluator(nn.Module):
 
     def forward(self, method: str, *args):
         return getattr(self.net, method)(*args)
+
+
+class Job(Protocol):
+    """What the step needs of a job besides its parameters: its model, estimator and
+    settings (:class:`dreg.lightning_module.DReGModule` implements it; the run of steps asks
+    for more, :class:`dreg.cohort.TrainingJob`)."""
+
+    net: nn.Module
+    estimator: Estimator
+    nonfinite: str  # "raise" or "skip"
+    noise: torch.Generator | None  # the job's training-noise stream
+    optimizer_factory: Callable[..., torch.optim.Optimizer]
+    train_model: bool
+
+    def step_settings(self) -> dict[str, Any]:
+        """What every replica of a stack must share (K, sampling, trained parts, clipping)."""
+        ...
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The job's configured optimizer over ``groups``."""
+        ...
 
 
 @dataclass
@@ -162,7 +186,7 @@ class Replicas:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def alone(
-        cls, module, optimizer: torch.optim.Optimizer, generator: torch.Generator, **kwargs
+        cls, module: Job, optimizer: torch.optim.Optimizer, generator: torch.Generator, **kwargs
     ) -> Replicas:
         """One job, trained in place: its own parameters and optimizer."""
         net = module.net
@@ -176,7 +200,7 @@ class Replicas:
     @classmethod
     def stacked(
         cls,
-        modules: Sequence,
+        modules: Sequence[Job],
         optimizers: Sequence[torch.optim.Optimizer],
         generators: Sequence[torch.Generator],
         **kwargs,
@@ -230,7 +254,7 @@ class Replicas:
                 self.optimizer.state[tensor] = state
 
     @torch.no_grad()
-    def store(self, modules: Sequence, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    def store(self, modules: Sequence[Job], optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Copy every replica's parameters and optimizer state into its job (stacked only)."""
         if not self.owns_copies:
             return
@@ -266,16 +290,17 @@ class Replicas:
         """
         m, b = x.shape[:2]
         k = eps.shape[1]
+        lean = self._lean_proposal()  # no replica's estimator has a score term
         if self.direct:
-            z, log_q_stopped, log_q_stop_z = self._propose(
-                x[0], None if context is None else context[0], eps[0]
-            )
+            x0, c0 = x[0], None if context is None else context[0]
+            z, log_q_stopped, log_q_stop_z = self._propose(x0, c0, eps[0], *[False] * lean)
             z_for_p = z.view_as(z)
-            log_p = self.net.log_joint(x[0], z_for_p, None if context is None else context[0])
+            log_p = self.net.log_joint(x0, z_for_p, c0)
             return Particles(log_p, log_q_stopped, log_q_stop_z, z_for_p)
         params, buffers = self._stacked
-        propose, log_joint = self._vmapped_calls(context is not None)
-        z, log_q_stopped, log_q_stop_z = propose(params, buffers, x, context, eps)
+        propose, log_joint = self._vmapped_calls(context is not None, lean)
+        z, log_q_stopped, *score = propose(params, buffers, x, context, eps)
+        log_q_stop_z = score[0] if score else None
         z_flat = z.transpose(0, 1).reshape(k, m * b, z.shape[-1])
         z_for_p = z_flat.view_as(z_flat)  # the routing hook's tensor
         # Contiguous [M, K, B, Dz]: the decoder's output (the largest tensor of a step) then
@@ -287,19 +312,38 @@ class Replicas:
             return t.transpose(0, 1).reshape(k, m * b)
 
         return Particles(
-            side_by_side(log_p), side_by_side(log_q_stopped), side_by_side(log_q_stop_z), z_for_p
+            side_by_side(log_p),
+            side_by_side(log_q_stopped),
+            None if log_q_stop_z is None else side_by_side(log_q_stop_z),
+            z_for_p,
         )
 
-    def _vmapped_calls(self, with_context: bool) -> tuple[Callable, Callable]:
+    def _lean_proposal(self) -> bool:
+        """No estimator of the replicas uses the score term and the net's ``propose`` can
+        leave log q(stop z) out (a ``score`` argument): its graph is then never built."""
+        lean = self.__dict__.get("_lean")
+        if lean is None:
+            accepts = "score" in inspect.signature(self.net.propose).parameters
+            lean = accepts and not any(spec.estimator.uses_score for spec in self.specs)
+            self._lean = lean
+        return lean
+
+    def _vmapped_calls(self, with_context: bool, lean: bool = False) -> tuple[Callable, Callable]:
         """``net.propose`` and ``net.log_joint`` over the replicas (dim 0 of every input;
-        an absent context is not mapped)."""
-        if with_context not in self._vmapped:
+        an absent context is not mapped); ``lean``: ``propose`` without log q(stop z)."""
+        key = (with_context, lean)
+        if key not in self._vmapped:
             c = 0 if with_context else None
-            self._vmapped[with_context] = (
-                vmap(functools.partial(self._call, "propose"), in_dims=(0, 0, 0, c, 0)),
-                vmap(functools.partial(self._call, "log_joint"), in_dims=(0, 0, 0, 0, c)),
+            call = self._call
+
+            def propose(*args):
+                return call("propose", *args, False)[:2] if lean else call("propose", *args)
+
+            self._vmapped[key] = (
+                vmap(propose, in_dims=(0, 0, 0, c, 0)),
+                vmap(functools.partial(call, "log_joint"), in_dims=(0, 0, 0, 0, c)),
             )
-        return self._vmapped[with_context]
+        return self._vmapped[key]
 
     def weights(self, log_w: Tensor) -> GradientWeights:
         """Each replica's estimator on its own columns of ``log_w [K, M * B]``."""
@@ -323,6 +367,12 @@ class Replicas:
         from its own generator (binarize first, then sample, as steps always have)."""
         bits, eps = [], []
         shape = (self.num_samples, images.shape[1], self.noise_dim)
+        if self.size == 1 and not self.antithetic:
+            # The same numbers as below (one generator fills both tensors in element order),
+            # drawn straight into [1, ...]: no slicing and stacking.
+            generator = self.specs[0].generator
+            binarized = torch.bernoulli(images, generator=generator)
+            return binarized, draw_noise((1, *shape), generator, False, images)
         for m, spec in enumerate(self.specs):
             bits.append(torch.bernoulli(images[m], generator=spec.generator))
             eps.append(draw_noise(shape, spec.generator, self.antithetic, images))
@@ -338,22 +388,78 @@ class Replicas:
         bits, eps = self.draw(images)
         x, context = split(bits)
         self.last = (x, context, eps)
-        particles = self.particles(x, context, eps)
-        weights = self.weights(particles.log_w)
-        aux, weights.aux_loss = weights.aux_loss, None
-        # routed_loss averages over the M * B columns; each replica's loss is its batch mean.
-        loss = routed_loss(particles, weights, self.train_model) * self.size
-        if aux is not None:
-            loss = loss + aux
+        compiled = self.__dict__.get("_compiled")
+        loss, log_w, objective, log_q_stop_z = (compiled[0] if compiled else self._loss)(
+            x, context, eps
+        )
         self.optimizer.zero_grad()
         backward(loss)
-        sq_norm = self._per_replica_sq_norm()
-        ok = self._finite(particles, sq_norm) & self.alive
+        if compiled and not self.observers:
+            compiled[1](log_w, objective, log_q_stop_z, None)
+            return
+        # The gradient's norm only where clipping needs it; finiteness alone is cheaper.
+        sq_norm = self._per_replica_sq_norm() if self.clip_norm is not None else None
+        if self._all_fine_on_host(loss, sq_norm):
+            # The common case on the CPU: every replica alive and finite. The same numbers
+            # as the device path (_update) with ``ok`` all true, without computing ``ok``.
+            self._clip(sq_norm)
+            self._observe(self.alive)
+            with torch.no_grad():
+                self.optimizer.step()
+                self.step_in_run.add_(1)
+                self._record_bounds(objective, log_w)
+            return
+        self._update(log_w, objective, log_q_stop_z, sq_norm)
+
+    def compiled(self, **options) -> Replicas:
+        """Run :meth:`step` compiled (``model.compile=step``): ``torch.compile`` of the
+        forward, estimator and routed loss (the routing hook is traced into the backward
+        graph AOTAutograd compiles) and of everything after the backward: flags, clipping,
+        the optimizer's update (masked per replica, fused) and the records. Eager between
+        them: the two draws (each replica's own ``torch.Generator``), ``split`` and the
+        ``backward`` callable (Lightning's ``manual_backward`` alone). With observers the
+        part after the backward runs eagerly (they read gradients on the host). Same numbers
+        as eager up to float32 round-off. ``options`` go to ``torch.compile``."""
+        self._lean_proposal()  # decided eagerly: inspect is no graph material
+        self._compiled = (
+            torch.compile(self._loss, **options),
+            torch.compile(self._update, **options),
+        )
+        return self
+
+    def _loss(
+        self, x: Tensor, context: Tensor | None, eps: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(loss, log_w, objective, log q(stop z) or None)``: the forward of a step."""
+        particles = self.particles(x, context, eps)
+        log_w = particles.log_w
+        weights = self.weights(log_w)
+        aux, weights.aux_loss = weights.aux_loss, None
+        # routed_loss averages over the M * B columns; each replica's loss is its batch mean.
+        loss = routed_loss(particles, weights, self.train_model)
+        if self.size > 1:
+            loss = loss * self.size
+        if aux is not None:
+            loss = loss + aux
+        score = particles.log_q_stop_z
+        return loss, log_w, weights.objective, None if score is None else score.detach()
+
+    def _update(
+        self,
+        log_w: Tensor,
+        objective: Tensor,
+        log_q_stop_z: Tensor | None,
+        sq_norm: Tensor | None,
+    ) -> None:
+        """After the backward, on the device: per-replica flags, clipping, observers, the
+        masked update and the records (no host read except the observers' own)."""
+        if sq_norm is None:
+            sq_norm = self._per_replica_sq_norm()
+        ok = self._finite(log_w, log_q_stop_z, sq_norm) & self.alive
         self._clip(sq_norm)
-        for m, observe in self.observers.items():
-            observe(m)
+        self._observe(ok)
         self._masked_update(ok)
-        self._record(ok, weights.objective, particles.log_w)
+        self._record(ok, objective, log_w)
 
     # -- parts of a step ---------------------------------------------------------------------
     def _grads(self) -> list[Tensor]:
@@ -369,20 +475,51 @@ class Replicas:
                 total[m] = total[m] + tensor.grad.float().square().sum()
         return total
 
-    def _finite(self, particles: Particles, sq_norm: Tensor) -> Tensor:
-        """``[M]``: the replica's loss terms and its gradient are all finite (a replica's
-        loss is a sum of its own columns, so another replica's NaN cannot reach it)."""
-        b = particles.log_p.shape[1] // self.size
-        terms = (
-            particles.log_p.detach()
-            - particles.log_q_stopped.detach()
-            + particles.log_q_stop_z.detach()
-        )
-        finite_terms = torch.isfinite(terms.reshape(terms.shape[0], self.size, b)).all(2).all(0)
+    def _all_fine_on_host(self, loss: Tensor, sq_norm: Tensor | None) -> bool:
+        """On the CPU (eager): whether every replica is alive and its loss and gradient are
+        finite, read on the host: the flags are already in host memory, so this waits for
+        nothing. ``False`` on accelerators and under ``torch.compile`` (no host read there:
+        the device path decides per replica), and whenever anything is off; the device path
+        then computes the exact per-replica flags.
+
+        One number: the loss (non-finite whenever any term of any replica is, since every
+        coefficient multiplies a value: 0 * inf is NaN) plus the square of the sum of the
+        gradient tensors' norms (``torch._foreach_norm``; the squared norms themselves when
+        clipping computed them). That square bounds the squared norm from above, so a
+        finite number here means the device path would find every replica finite too."""
+        if self.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        total = loss.detach()
+        if sq_norm is not None:
+            total = total + sq_norm.sum()
+        else:
+            grads = self._grads() + [t.grad for t, _ in self.extra if t.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                norm_sum = functools.reduce(torch.add, norms)
+                total = total + norm_sum * norm_sum
+        if not math.isfinite(total.item()):
+            return False
+        return bool(self.alive) if self.size == 1 else bool(self.alive.all())
+
+    def _finite(self, log_w: Tensor, log_q_stop_z: Tensor | None, sq_norm: Tensor) -> Tensor:
+        """``[M]``: the replica's loss terms and its gradient (its squared norm) are all
+        finite (a replica's loss is a sum of its own columns, so another replica's NaN
+        cannot reach it). The terms: ``log_w = log p - log q(z; stop phi)`` (already
+        computed), plus log q(stop z; phi) where the estimator has a score term."""
+        terms = log_w
+        if log_q_stop_z is not None:
+            terms = terms + log_q_stop_z
+        if self.size == 1:
+            finite_terms = torch.isfinite(terms).all().reshape(1)
+        else:
+            b = terms.shape[1] // self.size
+            finite_terms = torch.isfinite(terms.reshape(terms.shape[0], self.size, b)).all(2)
+            finite_terms = finite_terms.all(0)
         return finite_terms & torch.isfinite(sq_norm)
 
-    def _clip(self, sq_norm: Tensor) -> None:
-        if self.clip_norm is None:
+    def _clip(self, sq_norm: Tensor | None) -> None:
+        if self.clip_norm is None or sq_norm is None:
             return
         norm = sq_norm.sqrt()
         factor = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_
@@ -411,26 +548,76 @@ class Replicas:
 
     @torch.no_grad()
     def _masked_update(self, ok: Tensor) -> None:
-        """The optimizer step, undone for replicas whose ``ok`` is false (a copy of what the
-        step changes costs about what Adam's own update costs; no host sync)."""
+        """The optimizer step, undone for replicas whose ``ok`` is false: a copy of what the
+        step changes, then a per-replica ``torch.where`` (no host sync, no branch; compiled,
+        the copy and the selection fuse into the update). On the CPU only steps with a bad
+        replica come here (:meth:`_all_fine_on_host`)."""
         before = [(t, t.detach().clone(), m) for t, m in self._state_tensors()]
-        self.optimizer.step()
+        self._optimizer_step()
         for tensor, saved, m in before:
             keep = ok[m] if m is not None else ok.reshape(-1, *([1] * (tensor.dim() - 1)))
             tensor.copy_(torch.where(keep, tensor, saved))
 
+    def _optimizer_step(self) -> None:
+        """``optimizer.step()``; under ``torch.compile`` its undecorated body (already under
+        ``no_grad`` here): ``Optimizer.step``'s wrappers call ``torch._dynamo.graph_break()``
+        around it, which would split the compiled update in three (pytorch#104053 explains
+        why they break: to see a no-grad graph, as this one is). Step hooks and the
+        profiler's record_function, which those wrappers also run, are skipped there."""
+        if not torch.compiler.is_compiling():
+            self.optimizer.step()
+            return
+        step = type(self.optimizer).step
+        while hasattr(step, "__wrapped__"):
+            step = step.__wrapped__
+        step(self.optimizer)
+
     @torch.no_grad()
     def _record(self, ok: Tensor, objective: Tensor, log_w: Tensor) -> None:
-        bad = ~ok
-        first = bad & (self.first_bad < 0) & self.alive
+        fresh = ~ok & self.alive  # went bad at this step
+        first = fresh & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(first, self.step_in_run, self.first_bad))
-        self.skipped.add_((bad & self.alive & self.skip).long())
+        self.skipped.add_(fresh & self.skip)
         # Under raise a replica that went bad stops updating: its job fails at the next read.
         self.alive &= ok | self.skip
         self.step_in_run.add_(1)
-        self.objective.copy_(objective.reshape(self.size, -1).mean(1))
+        self._record_bounds(objective, log_w)
+
+    def _record_bounds(self, objective: Tensor, log_w: Tensor) -> None:
+        """Each replica's batch means of its objective and of the IWAE bound."""
+        if self.size == 1:  # sum / B is mean()'s own arithmetic, in fewer operators
+            self.objective.copy_(objective.sum() / objective.shape[0])
+        else:
+            self.objective.copy_(objective.reshape(self.size, -1).mean(1))
+        if all(estimator.objective_is_iwae_bound for estimator, _, _ in self.groups):
+            self.iwae_bound.copy_(self.objective)  # the same numbers: no second logsumexp
+            return
         bound = iwae_bound(log_w)
         self.iwae_bound.copy_(bound.reshape(self.size, -1).mean(1))
+
+    def _observe(self, ok: Tensor) -> None:
+        """Call the observers of the replicas whose step is finite (a skipped update's
+        gradient must not enter a job's statistics). One host read, only with observers:
+        they read the gradients on the host anyway."""
+        if not self.observers:
+            return
+        finite = ok.tolist()
+        for m, observe in self.observers.items():
+            if finite[m]:
+                observe(m)
+
+    @torch.no_grad()
+    def show(self, m: int, net: nn.Module) -> None:
+        """Make ``net`` hold replica ``m``'s current parameters and gradients, for observers
+        (the one gradient accessor of both layouts). Alone, ``net`` is the replica: nothing
+        to do. Stacked, the job's own tensors are stale until :meth:`store`: its parameters
+        get the replica's values and its ``.grad`` a view of the replica's gradient."""
+        if not self.owns_copies:
+            return
+        for name, p in net.named_parameters():
+            stacked = self.params[name]
+            p.copy_(stacked[m])
+            p.grad = None if stacked.grad is None else stacked.grad[m]
 
     def inputs_of(self, m: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """Replica ``m``'s last step: binarized x, context and latent noise ``[K, B, D]``."""
@@ -452,7 +639,7 @@ _SETTING_KEYS = {
 }
 
 
-def _check_same_step(modules: Sequence, settings: dict) -> None:
+def _check_same_step(modules: Sequence[Job], settings: dict) -> None:
     """One clear line when the jobs of a stack would not take the same step (a different K
     would silently train every replica at the first job's K)."""
     shapes = [tuple(p.shape) for p in modules[0].net.parameters()]

@@ -10,15 +10,46 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dreg.files import atomic_write
+
+# -- job folder names ---------------------------------------------------------------------------
+JOB_FOLDER_CHARS = re.compile(r"[^A-Za-z0-9._-]+")  # what pastes unquoted into an override
+OVERRIDE_START = re.compile(r",(?=[+~]*[A-Za-z_][\w.@/-]*=)")  # a comma that starts an override
+JOB_FOLDER_LENGTH = 60
+
+
+def job_folder(num: int, override_dirname: str) -> str:
+    """A multirun job's folder: its number, then its overrides in short, e.g.
+    ``3_estimator-dreg_iwae_seed-1`` for ``estimator=dreg_iwae,seed=1``.
+
+    Hydra's own ``override_dirname`` has ``=`` and ``,`` (a path into it must be quoted to
+    be an override: ``ckpt_path=<job>/checkpoints/last.ckpt``) and grows past file-name
+    limits. Here each key keeps its last part, every other character than ``[A-Za-z0-9._-]``
+    becomes ``_`` and the name stops at 60 characters. The number makes it unique and the
+    same for the same command (``resume=true`` is not in ``override_dirname``); the full
+    overrides are in ``<job>/.hydra/overrides.yaml``.
+    """
+    items = []
+    for override in OVERRIDE_START.split(override_dirname) if override_dirname else []:
+        key, _, value = override.partition("=")
+        key, value = (JOB_FOLDER_CHARS.sub("_", k).strip("_") for k in (key.split(".")[-1], value))
+        items.append(f"{key}-{value}")
+    return "_".join([str(num), *items])[:JOB_FOLDER_LENGTH].rstrip("._-")
+
+
+# conf/hydra/default.yaml names job folders with it; Hydra's callbacks import this module in
+# every process that starts a job (the launcher's workers unpickle this callback).
+OmegaConf.register_new_resolver("dreg.job_folder", job_folder, replace=True)
 
 SUMMARY_METRICS = (
     "test/log_likelihood",
@@ -57,8 +88,47 @@ def write_summary(sweep_dir: Path) -> Path:
     return target
 
 
+# The sweeps this process launched, with when each began: train.py reports their failed jobs.
+_launched: list[tuple[Path, float]] = []
+
+
+def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:
+    """The rows of the jobs of ``sweep_dir`` that failed, recorded at or after ``since``."""
+    jobs = sorted(p.parent for p in sweep_dir.glob("**/.hydra") if p.parent != sweep_dir)
+    failed = []
+    for job in jobs:
+        status = job / "status.json"
+        if status.exists() and status.stat().st_mtime >= since:
+            row = job_row(job, sweep_dir)
+            if row["status"] == "failed":
+                row["exit_code"] = json.loads(status.read_text()).get("exit_code", 1)
+                failed.append(row)
+    return failed
+
+
+def failure_report() -> str | None:
+    """One line naming the failed jobs of the sweeps this process launched (``None``: none
+    failed): their folders, exit codes, the first one's error, and where the rest is."""
+    for sweep_dir, started in _launched:
+        failed = failed_jobs(sweep_dir, started)
+        if not failed:
+            continue
+        total = len([p for p in sweep_dir.glob("**/.hydra") if p.parent != sweep_dir])
+        shown = ", ".join(f"{r['job']} (exit {r['exit_code']})" for r in failed[:5])
+        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        return (
+            f"{len(failed)} of {total} jobs of the sweep {sweep_dir} failed: {shown}{more}; "
+            f"first error: {failed[0]['error']}; every job's status: {sweep_dir}/summary.csv"
+        )
+    return None
+
+
 class SweepSummary(Callback):
     """Registered in ``conf/hydra/default.yaml``; does nothing for single runs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A second earlier: file times are coarse on some file systems.
+        _launched.append((Path(str(config.hydra.sweep.dir)), time.time() - 1.0))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg else None

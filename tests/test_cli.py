@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from dreg.sweep import job_folder
 from tests.conftest import NO_PROGRESS_BAR, TINY_RUN, cli, requires_mnist
 
 pytestmark = [requires_mnist, pytest.mark.slow]
@@ -20,7 +21,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return result
 
 
-def test_multirun_writes_one_directory_per_job_named_by_swept_values(tmp_path):
+def test_multirun_writes_one_directory_per_job_named_by_number_and_values(tmp_path):
     # debug=fast instead of TINY_RUN: every override names the directory, so keep them few.
     run_cli(
         "-m",
@@ -31,9 +32,11 @@ def test_multirun_writes_one_directory_per_job_named_by_swept_values(tmp_path):
         "trainer.max_steps=2",
         f"hydra.sweep.dir={tmp_path}",
     )
-    quiet = ",".join(NO_PROGRESS_BAR)  # sorts before debug=fast in the name
-    for seed in (0, 1):
-        job = tmp_path / f"{quiet},debug=fast,estimator=iwae,seed={seed},trainer.max_steps=2"
+    quiet = ",".join(NO_PROGRESS_BAR)  # sorts before debug=fast in Hydra's override_dirname
+    for seed in (0, 1):  # the job number, then its overrides in short (dreg.sweep.job_folder)
+        overrides = f"{quiet},debug=fast,estimator=iwae,seed={seed},trainer.max_steps=2"
+        job = tmp_path / job_folder(seed, overrides)
+        assert job.name.startswith(f"{seed}_refresh_rate-0_debug-fast_estimator-iwae_seed-{seed}")
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["global_step"] == 2
         assert (job / ".hydra" / "config.yaml").exists()

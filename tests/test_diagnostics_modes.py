@@ -37,14 +37,19 @@ def run_mode(tmp_path: Path, *overrides: str) -> None:
 
 @pytest.mark.parametrize(
     ("estimator", "biased"),
-    [("stl", True), ("dreg_iwae", False), ("dreg_rws", False), ("dreg_jvi", False)],
-)
+    [("stl", True), ("dreg_iwae", False), ("dreg_rws", False), ("dreg_jvi", False),
+     ("dreg_miwae", False), ("dreg_piwae", False)],
+)  # fmt: skip
 def test_bias_check_flags_stl_and_clears_dreg(estimator, biased, trained_ckpt, tmp_path):
     run_mode(tmp_path, "mode=bias_check", f"estimator={estimator}", f"ckpt_path={trained_ckpt}",
              "model.num_samples=64")  # fmt: skip
     report = json.loads((tmp_path / "bias_check.json").read_text())
     assert report["num_batches"] == 200  # the default
-    assert report["reference"] == {"iwae": "iwae", "rws": "rws", "jvi": "jvi"}[report["family"]]
+    # Each family's reference is the estimator of that name (dreg_miwae: miwae, same groups).
+    assert report["reference"] == report["family"]
+    assert report["family"] == {"dreg_miwae": "miwae", "dreg_piwae": "piwae"}.get(
+        estimator, report["family"]
+    )
     t = report["aggregate"]["t"]
     if biased:
         assert abs(t) > 5 and report["verdict"] == "biased"
@@ -89,3 +94,14 @@ def test_diagnose_snr_falls_with_k_for_iwae_not_for_dreg(trained_ckpt, tmp_path)
     assert snr[1, "dreg_iwae", "inference"] > snr[1, "iwae", "inference"]
     # Same model coefficients (w~) in both estimators: identical model gradients.
     assert snr[64, "dreg_iwae", "model"] == pytest.approx(snr[64, "iwae", "model"], rel=1e-9)
+
+
+def test_diagnose_skips_a_k_that_is_not_a_multiple_of_the_groups(trained_ckpt, tmp_path, caplog):
+    """miwae's default M = 8: K = 4 is skipped with a note, K = 16 is measured (K' = 2)."""
+    with caplog.at_level("INFO"):
+        run_mode(tmp_path, "mode=diagnose", f"ckpt_path={trained_ckpt}", "mode.num_samples=[4,16]",
+                 "mode.estimators=[iwae,miwae,dreg_miwae]", "mode.num_draws=4")  # fmt: skip
+    snr = read_rows(tmp_path / "snr_vs_k.csv")
+    assert {(k, e) for k, e, _ in snr} == {(4, "iwae"), (16, "iwae"), (16, "miwae"),
+                                            (16, "dreg_miwae")}  # fmt: skip
+    assert "skipping miwae at K=4: estimator 'miwae' splits" in caplog.text

@@ -28,6 +28,7 @@ from dreg.model import VAE
 from dreg.packed_launcher import plan_packs
 from dreg.step import Replicas, draw_noise
 from tests.conftest import ROOT, cli, requires_mnist, start_cli, wait_for
+from tests.estimators.cases import GROUPED, GROUPS
 
 K, B, DX, C = 6, 5, 12, 4
 
@@ -36,7 +37,8 @@ def replica(name: str, seed: int, context_dim: int = 0) -> DReGModule:
     torch.manual_seed(seed)
     net = VAE(DX, latent_dim=3, hidden_dims=[7, 7], train_mean=torch.rand(DX),
               context_dim=context_dim).double()  # fmt: skip
-    estimator = estimator_by_name(name).double()
+    params = {"groups": GROUPS} if name in GROUPED else {}  # M must divide K = 6
+    estimator = estimator_by_name(name, **params).double()
     return DReGModule(net, estimator, partial(torch.optim.Adam, lr=1e-2), num_samples=K)
 
 
@@ -359,9 +361,11 @@ def test_a_job_that_diverges_fails_alone_and_the_others_finish_as_alone(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert_close_records(tmp_path / "pack" / "0", tmp_path / "alone")
 
-    # model.nonfinite=skip: the diverging job drops its own updates only.
+    # model.nonfinite=skip: the diverging job drops its own updates only (as many as it
+    # must: the bound on the skipped fraction, which would fail it, is lifted).
     skip = tmp_path / "skip"
-    result = cli("-m", *args, "model.nonfinite=skip", PACKED, f"hydra.sweep.dir={skip}")
+    result = cli("-m", *args, "model.nonfinite=skip", "model.max_skipped_fraction=1",
+                 PACKED, f"hydra.sweep.dir={skip}")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     with (skip / "1" / "csv" / "metrics.csv").open() as f:
         skipped = [float(r["train/skipped_steps"]) for r in csv.DictReader(f)

@@ -143,7 +143,7 @@ def summary(sweep_dir: Path) -> dict[str, dict]:
         return {row["job"]: row for row in csv.DictReader(f)}
 
 
-# Every task override is part of a job's folder name: a sweep keeps its overrides few.
+# Every task override is part of a job's folder name (in short): a sweep keeps them few.
 SWEEP = ["debug=fast", "model.num_samples=4"]
 
 
@@ -151,15 +151,15 @@ def test_swept_step_budgets_get_their_own_folders(tmp_path):
     result = cli("-m", *SWEEP, "trainer.max_steps=3,5", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = summary(tmp_path)
-    prefix = "debug=fast,model.num_samples=4,"
-    assert sorted(rows) == [prefix + "trainer.max_steps=3", prefix + "trainer.max_steps=5"]
+    prefix = "debug-fast_num_samples-4_max_steps-"  # after the job number
+    assert sorted(rows) == [f"0_{prefix}3", f"1_{prefix}5"]
     assert [int(rows[j]["global_step"]) for j in sorted(rows)] == [3, 5]
     assert not list(tmp_path.glob("*/checkpoints/last-v1.ckpt"))
 
 
 def test_a_sweep_rerun_with_resume_keeps_finished_jobs_and_finishes_the_rest(tmp_path):
     args = ["-m", *SWEEP, "trainer.max_steps=30", "seed=0,1,2", f"hydra.sweep.dir={tmp_path}"]
-    job = {s: f"debug=fast,model.num_samples=4,seed={s},trainer.max_steps=30" for s in range(3)}
+    job = {s: f"{s}_debug-fast_num_samples-4_seed-{s}_max_steps-30" for s in range(3)}
     sweep = start_cli(*args)
     wait_for(tmp_path / job[1] / "checkpoints" / "best-step10.ckpt", sweep)
     sweep.send_signal(signal.SIGTERM)  # job seed=1 is preempted; seed=2 never starts

@@ -14,7 +14,7 @@ import torch
 
 from dreg.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint, request_stop
 from dreg.config import ConfigError, validate
-from dreg.errors import EXIT_PREEMPTED
+from dreg.errors import EXIT_PREEMPTED, EXIT_SWEEP_FAILED
 from dreg.model import VAE
 from dreg.run import train
 from tests.conftest import (
@@ -165,6 +165,21 @@ BAD_ESTIMATOR_SETTINGS = {
         "estimator: alpha=1.5: dreg_alpha needs",
         "a number in [0, 1]",
     ),
+    "groups-not-dividing-K": (
+        ["estimator=dreg_miwae", "model.num_samples=12"],
+        "estimator: estimator 'dreg_miwae' splits the K samples into estimator.groups=8",
+        "model.num_samples=12 is not a multiple of 8; set model.num_samples to a multiple of 8",
+    ),
+    "groups<1": (
+        ["estimator=miwae", "estimator.groups=0"],
+        "estimator: estimator.groups=0: miwae needs",
+        "an integer >= 1",
+    ),
+    "ciwae-beta>1": (
+        ["estimator=ciwae", "estimator.beta=1.5"],
+        "estimator: beta=1.5: ciwae needs",
+        "estimator.beta in [0, 1]",
+    ),
     "antithetic-dreg": (
         ["estimator=dreg_iwae", "model.antithetic=true"],
         "model.antithetic=true: estimator 'dreg_iwae'",
@@ -264,7 +279,8 @@ def test_nan_raises_naming_the_step_and_keeps_the_last_good_checkpoint(
 @requires_mnist
 def test_nan_skip_policy_drops_the_update_and_counts_it(tiny_cfg, tmp_path, monkeypatch):
     inject_nan_at_call(monkeypatch, 3)
-    cfg = tiny_cfg("trainer.max_steps=6", "model.nonfinite=skip")
+    cfg = tiny_cfg("trainer.max_steps=6", "model.nonfinite=skip",
+                   "model.max_skipped_fraction=0.5")
     metrics = train(cfg)
     assert metrics["train/skipped_steps"] == 1
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
@@ -330,12 +346,11 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path):
         "model.optimizer.lr=0.001,-1",
         f"hydra.sweep.dir={tmp_path}",
     )
-    assert result.returncode != 0  # Hydra reports the failure after running every job
+    assert result.returncode == EXIT_SWEEP_FAILED  # after running every job
     with open(tmp_path / "summary.csv") as f:
         rows = {row["job"]: row for row in csv.DictReader(f)}
-    quiet = ",".join(NO_PROGRESS_BAR)  # sorts before debug=fast in the name
-    good_job = f"{quiet},debug=fast,model.optimizer.lr=0.001,trainer.max_steps=2"
-    good, bad = rows[good_job], rows[good_job.replace("lr=0.001", "lr=-1")]
+    good_job = "0_refresh_rate-0_debug-fast_lr-0.001_max_steps-2"  # number, overrides in short
+    good, bad = rows[good_job], rows["1_refresh_rate-0_debug-fast_lr--1_max_steps-2"]
     assert good["status"] == "completed" and float(good["test/log_likelihood"]) < 0
     assert bad["status"] == "failed" and "model.optimizer.lr=-1" in bad["error"]
     assert (tmp_path / good_job / "metrics.json").exists()

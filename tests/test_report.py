@@ -153,7 +153,7 @@ def test_a_real_sweep_over_k_and_seeds_reports_one_row_per_k(tmp_path):
     assert "Runs without curves (no csv/metrics.csv): none." in text
 
     # The same settings and seed again (a second copy of a job): flagged, not averaged.
-    job = next(sweep.glob("*model.num_samples=8,seed=1*"))
+    job = next(sweep.glob("3_*"))  # the 4th job: K=8, seed=1 (its folder: number, then values)
     shutil.copytree(job, sweep / "copy-of-K8-seed1")
     text = write_report(sweep, tmp_path / "report").read_text()
     assert "| 8 | 100 | 3 | 0,1,1 | 10 | not averaged: duplicate seeds |" in text

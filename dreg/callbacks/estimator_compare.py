@@ -32,7 +32,6 @@ from torch.optim import Optimizer
 from dreg.diagnostics.layers import layer_indices
 from dreg.diagnostics.moments import EMAMoments
 from dreg.estimators import Estimator, estimator_by_name, surrogate_losses
-from dreg.estimators.base import check_num_samples
 from dreg.gradients import flat_gradient, group_parameters
 
 
@@ -67,7 +66,7 @@ class EstimatorComparison(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.estimators = [estimator_by_name(name) for name in self.names]
         for estimator in self.estimators:  # fail at set-up, not at the first logged step
-            check_num_samples(type(estimator), pl_module.num_samples)
+            estimator.validate_num_samples(pl_module.num_samples)
 
     @staticmethod
     def _replay_particles(pl_module: pl.LightningModule):

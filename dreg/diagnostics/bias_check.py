@@ -4,7 +4,10 @@
 
 On batch i (same images, same latent samples for both) the paired difference
 ``d_i = g_est,i - g_ref,i`` of the flattened inference-network gradients has mean zero iff the
-estimator is unbiased for the reference (iwae family: ``iwae``; rws: ``rws``; jvi: ``jvi``).
+estimator is unbiased for the reference: the estimator whose config name is the family
+(iwae family: ``iwae``; rws: ``rws``; jvi: ``jvi``; miwae: ``miwae``; piwae: ``piwae``), built
+with the parameters it shares with the checked estimator (``reference_params``: the same
+``groups`` for ``dreg_miwae`` and ``dreg_piwae``).
 
 Averaging d over all D coordinates before a t-test (the original code) can hide biases of
 opposite sign. Instead the batches are split: the first ``direction_fraction`` estimate the
@@ -44,7 +47,7 @@ from dreg.diagnostics.job import (
     training_batch,
 )
 from dreg.diagnostics.layers import layer_indices
-from dreg.estimators import estimator_by_name
+from dreg.estimators import estimator_by_name, estimator_classes
 from dreg.gradients import group_gradients, group_parameters, tensor_slices
 from dreg.seeds import derived_seed, seeded
 
@@ -52,8 +55,6 @@ matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-FAMILIES = ("iwae", "rws", "jvi")  # each family's reference is the estimator of that name
 
 
 def t_test(total: float, total_sq: float, count: int) -> dict[str, float]:
@@ -88,12 +89,16 @@ class PairedDifferences:
         module = job.module
         self.job, self.seed, self.batch_size = job, seed, batch_size
         self.estimator = module.estimator
-        if self.estimator.family not in FAMILIES:
-            raise ValueError(
+        families = sorted({cls.family for cls in estimator_classes().values()}
+                          & set(estimator_classes()))  # fmt: skip
+        if self.estimator.family not in estimator_classes():  # each family's reference is
+            raise ValueError(  # the estimator of that name
                 f"estimator '{self.estimator.name}' has family '{self.estimator.family}', which "
-                f"has no reference gradient; the bias check covers the families {FAMILIES}"
+                f"has no reference gradient; the bias check covers the families {families}"
             )
-        self.reference = estimator_by_name(self.estimator.family)
+        self.reference = estimator_by_name(
+            self.estimator.family, **self.estimator.reference_params()
+        )
         self.reference.to(job.device)
         if self.reference.name == self.estimator.name:
             raise ValueError(

@@ -76,11 +76,12 @@ def study(job: DiagnosticJob, cfg: DictConfig) -> list[dict[str, Any]]:
     for num_samples in mode.num_samples:
         estimators = []
         for estimator in every_estimator:
-            if num_samples >= estimator.min_samples:
+            try:  # K too small (jvi: K >= 2), or not a multiple of miwae's estimator.groups
+                estimator.validate_num_samples(num_samples)
                 estimators.append(estimator)
-            elif job.fabric.is_global_zero:
-                log.info("skipping %s at K=%d (needs K >= %d)", estimator.name, num_samples,
-                         estimator.min_samples)  # fmt: skip
+            except ValueError as err:
+                if job.fabric.is_global_zero:
+                    log.info("skipping %s at K=%d: %s", estimator.name, num_samples, err)
         moments = {(e.name, g): SampleMoments(dims[g], device) for e in estimators for g in dims}
         for draw in range(num_draws):
             if not job.mine(draw):

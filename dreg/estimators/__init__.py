@@ -13,6 +13,7 @@ from dreg.estimators.control_variates import DReGCV
 from dreg.estimators.elbo import ELBO
 from dreg.estimators.iwae import IWAE, STL, DReGIWAE, DReGIWAENorm
 from dreg.estimators.jackknife import JVI, DReGJVI
+from dreg.estimators.rainforth import CIWAE, MIWAE, PIWAE, DReGMIWAE, DReGPIWAE
 from dreg.estimators.rws import RWS, DReGAlpha, DReGRWS, DReGRWSNorm
 from dreg.estimators.surrogates import Particles, routed_loss, surrogate_losses
 
@@ -27,18 +28,22 @@ def estimator_by_name(name: str, **params: Any) -> Estimator:
 
 
 def estimator_classes() -> dict[str, type[Estimator]]:
-    """Every estimator class by its config name (the subclasses of :class:`Estimator`)."""
+    """Every estimator class by its config name (the subclasses of :class:`Estimator` that
+    set a ``name`` of their own; shared bases such as ``GroupedEstimator`` set none)."""
 
     def subclasses(cls: type[Estimator]) -> list[type[Estimator]]:
         return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
 
-    return {cls.name: cls for cls in subclasses(Estimator)}
+    return {cls.name: cls for cls in subclasses(Estimator) if "name" in vars(cls)}
 
 
 __all__ = [
+    "CIWAE",
     "ELBO",
     "IWAE",
     "JVI",
+    "MIWAE",
+    "PIWAE",
     "RWS",
     "STL",
     "DReGAlpha",
@@ -46,6 +51,8 @@ __all__ = [
     "DReGIWAE",
     "DReGIWAENorm",
     "DReGJVI",
+    "DReGMIWAE",
+    "DReGPIWAE",
     "DReGRWS",
     "DReGRWSNorm",
     "Estimator",

@@ -27,6 +27,7 @@ losses built from them are negated so optimizers minimize them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,12 +59,15 @@ class GradientWeights:
 class Estimator(nn.Module):
     """Base class of all gradient estimators.
 
-    Subclasses set ``name`` (the config name), ``family`` (which reference gradient the
-    bias check compares against: ``"iwae"``, ``"rws"`` or ``"jvi"``) and ``min_samples``, and
+    Subclasses set ``name`` (the config name), ``family`` (the config name of the reference
+    estimator whose gradient the bias check compares against: ``"iwae"``, ``"rws"``,
+    ``"jvi"``, ``"miwae"``, ...; ``"mixed"`` when there is none) and ``min_samples``, and
     implement :meth:`weights`, their formula. K is read from the log-weights they are given,
     so one estimator object serves any K (the training K, a diagnostic's K sweep). They are
     ``nn.Module`` so that estimators with learned state (control variates) are checkpointed
-    and moved between devices like the model.
+    and moved between devices like the model. Estimators with further rules on K (MIWAE's
+    groups) override :meth:`validate_num_samples`; those whose reference shares a parameter
+    with them override :meth:`reference_params`.
     """
 
     name: str = "estimator"
@@ -72,6 +76,12 @@ class Estimator(nn.Module):
     # DReG identities (Tucker et al. 2019, eq. 5) need i.i.d. samples: antithetic pairs make
     # those estimators biased, so the config check refuses the combination.
     needs_independent_samples: bool = False
+    # False when the score coefficients s are zero by construction (DReG forms, STL): the
+    # training step then never builds log q(stop z)'s graph (``Particles.log_q_stop_z``).
+    uses_score: bool = True
+    # True when ``objective`` is the IWAE bound of ``log_w``: the step records it as
+    # ``train/iwae_bound`` without computing it twice.
+    objective_is_iwae_bound: bool = False
 
     def forward(self, log_w: Tensor) -> GradientWeights:
         """Coefficients for the log-weights ``log_w`` of shape ``[K, B]``.
@@ -81,9 +91,20 @@ class Estimator(nn.Module):
         """
         if log_w.dim() != 2:
             raise ValueError(f"expected log-weights of shape [K, B], got {tuple(log_w.shape)}")
-        check_num_samples(type(self), log_w.shape[0])
+        self.validate_num_samples(log_w.shape[0])
         log_w = log_w.detach()  # [K, B]
         return self.weights(log_w, normalized_weights(log_w))
+
+    def validate_num_samples(self, num_samples: int) -> None:
+        """Raise ``ValueError`` (one line naming the config keys) when this estimator cannot
+        use K = ``num_samples``. Every forward, the config check, the callbacks and the
+        diagnostics ask here. Default: K >= ``min_samples``."""
+        check_num_samples(type(self), num_samples)
+
+    def reference_params(self) -> dict[str, Any]:
+        """Constructor arguments that the reference estimator (config name ``family``) must
+        share with this one for the bias check, e.g. MIWAE's ``groups``; none by default."""
+        return {}
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:  # pragma: no cover
         """The estimator's formula: coefficients from detached ``log_w`` and ``norm_w`` =

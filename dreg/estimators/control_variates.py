@@ -64,6 +64,7 @@ class DReGCV(Estimator):
     family = "iwae"
     needs_independent_samples = True
     min_samples = 2
+    objective_is_iwae_bound = True
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ class IWAE(Estimator):
 
     name = "iwae"
     family = "iwae"
+    objective_is_iwae_bound = True
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return GradientWeights(objective=iwae_bound(log_w), model=norm_w, path=norm_w, score=norm_w)
@@ -49,6 +50,8 @@ class STL(Estimator):
 
     name = "stl"
     family = "iwae"
+    uses_score = False
+    objective_is_iwae_bound = True
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=norm_w)
@@ -65,9 +68,11 @@ class DReGIWAE(Estimator):
     name = "dreg_iwae"
     family = "iwae"
     needs_independent_samples = True
+    uses_score = False
+    objective_is_iwae_bound = True
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
-        return iwae_model_weights(log_w, norm_w, path=norm_w.square())
+        return iwae_model_weights(log_w, norm_w, path=norm_w * norm_w)  # square(), 1 kernel
 
 
 class DReGIWAENorm(Estimator):
@@ -85,6 +90,8 @@ class DReGIWAENorm(Estimator):
     name = "dreg_iwae_norm"
     family = "iwae"
     needs_independent_samples = True
+    uses_score = False
+    objective_is_iwae_bound = True
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=normalized_weights(2 * log_w))  # w~^2/sum

@@ -90,6 +90,7 @@ class DReGJVI(Estimator):
     family = "jvi"
     needs_independent_samples = True
     min_samples = 2
+    uses_score = False
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return GradientWeights(

@@ -51,6 +51,7 @@ class RWS(Estimator):
 
     name = "rws"
     family = "rws"
+    objective_is_iwae_bound = True
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=torch.zeros_like(norm_w), score=-norm_w)
@@ -66,6 +67,8 @@ class DReGRWS(Estimator):
     name = "dreg_rws"
     family = "rws"
     needs_independent_samples = True
+    uses_score = False
+    objective_is_iwae_bound = True
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return iwae_model_weights(log_w, norm_w, path=rws_dreg_weights(log_w))
@@ -88,6 +91,8 @@ class DReGRWSNorm(Estimator):
     family = "rws"
     needs_independent_samples = True
     min_samples = 2
+    uses_score = False
+    objective_is_iwae_bound = True
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         # w~_k (1 - w~_k) is proportional to w_k * sum_{j != k} w_j.
@@ -109,6 +114,8 @@ class DReGAlpha(Estimator):
     name = "dreg_alpha"
     family = "mixed"
     needs_independent_samples = True
+    uses_score = False
+    objective_is_iwae_bound = True
 
     def __init__(self, alpha: float = 0.9) -> None:
         super().__init__()

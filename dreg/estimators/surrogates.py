@@ -34,7 +34,9 @@ class Particles:
 
     :ivar log_p: ``[K, B]`` log p(x, z_k) (or log p(x, z_k | c)), computed from ``z_for_p``.
     :ivar log_q_stopped: ``[K, B]`` log q(z_k; stop(mu), stop(sigma)): z keeps its path.
-    :ivar log_q_stop_z: ``[K, B]`` log q(stop(z_k); mu, sigma): the direct (score) term.
+    :ivar log_q_stop_z: ``[K, B]`` log q(stop(z_k); mu, sigma): the direct (score) term;
+        ``None`` when the estimator has no score term (``Estimator.uses_score`` false: its
+        score coefficients are zero by construction), so that its graph is never built.
     :ivar z_for_p: ``[K, B, *event]`` the alias of z that feeds log p; the routing hook sits
         here. Models build Particles with :func:`dreg.library.make_particles`.
     :ivar routed: set by :func:`routed_loss` when it registers its hook on ``z_for_p``; a
@@ -43,7 +45,7 @@ class Particles:
 
     log_p: Tensor
     log_q_stopped: Tensor
-    log_q_stop_z: Tensor
+    log_q_stop_z: Tensor | None
     z_for_p: Tensor
     routed: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -60,8 +62,10 @@ class Particles:
 def _objective_surrogates(p: Particles, w: GradientWeights) -> tuple[Tensor, Tensor]:
     """Per-data-point surrogates ``[B]`` whose gradients are the model / inference gradients."""
     model_term = (w.model * p.log_p).sum(0)
-    inference_term = (w.path * (p.log_p - p.log_q_stopped) - w.score * p.log_q_stop_z).sum(0)
-    return model_term, inference_term
+    inference = w.path * (p.log_p - p.log_q_stopped)
+    if p.log_q_stop_z is not None:
+        inference = inference - w.score * p.log_q_stop_z
+    return model_term, inference.sum(0)
 
 
 def surrogate_losses(particles: Particles, weights: GradientWeights) -> tuple[Tensor, Tensor]:
@@ -84,6 +88,12 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
 
     :param train_model: ``False`` when the decoder is frozen: then only the inference
         gradient matters and the model coefficients are replaced by ones.
+
+    Without a score term (``particles.log_q_stop_z`` is ``None``: the estimator's score
+    coefficients are zero by construction) the loss has no such term, and its graph is not
+    built. The path rescaling is a tensor hook on ``z_for_p``; the same function runs
+    eagerly, in a captured CUDA graph and under ``torch.compile`` (Dynamo traces the hook
+    into the compiled backward), so the routing has this one definition.
     """
     path = weights.path
     if train_model:
@@ -91,9 +101,7 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
         # sees at most sqrt(tiny) ~ 1e-19 (float32) extra weight on a sample whose weight
         # underflowed, far below float resolution of the summed gradient.
         floor = torch.finfo(weights.model.dtype).tiny ** 0.5
-        model = torch.where(
-            weights.model.abs() < floor, torch.full_like(path, floor), weights.model
-        )
+        model = torch.where(weights.model.abs() < floor, floor, weights.model)
     else:
         model = torch.ones_like(path)
     if particles.z_for_p.requires_grad:
@@ -109,8 +117,11 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
         event_dims = (1,) * (particles.z_for_p.dim() - path.dim())
         ratio = (path / model).reshape(*path.shape, *event_dims)
         particles.z_for_p.register_hook(lambda grad: grad * ratio)
-    log_q_terms = (path * particles.log_q_stopped + weights.score * particles.log_q_stop_z).sum(0)
-    loss = -((model * particles.log_p).sum(0) - log_q_terms).mean()
+    log_q_terms = path * particles.log_q_stopped
+    if particles.log_q_stop_z is not None:
+        log_q_terms = log_q_terms + weights.score * particles.log_q_stop_z
+    # The mean over the batch as sum / B: mean()'s own arithmetic, in fewer operators.
+    loss = -((model * particles.log_p).sum(0) - log_q_terms.sum(0)).sum() / path.shape[1]
     if weights.aux_loss is not None:
         loss = loss + weights.aux_loss
     return loss

@@ -14,9 +14,12 @@ import torch
 from torch import Tensor
 
 from dreg.estimators import (
+    CIWAE,
     ELBO,
     IWAE,
     JVI,
+    MIWAE,
+    PIWAE,
     RWS,
     STL,
     DReGAlpha,
@@ -24,6 +27,8 @@ from dreg.estimators import (
     DReGIWAE,
     DReGIWAENorm,
     DReGJVI,
+    DReGMIWAE,
+    DReGPIWAE,
     DReGRWS,
     DReGRWSNorm,
     Estimator,
@@ -32,6 +37,16 @@ from dreg.estimators import (
 # Non-trivial control-variate values (exact in float32), so every term of dreg_cv is exercised.
 CV_VALUES = {"alpha": 0.25, "beta": 0.625, "gamma": 0.125, "delta": -0.375}
 ALPHA = 0.9
+# Rainforth et al.'s estimators: M = 2 groups divides every K of these tests but 1 (K = 6:
+# K' = 3); a CIWAE beta away from 0, 1/2 and 1.
+GROUPS, BETA = 2, 0.3
+# Constructor arguments of the estimators with parameters (the library tests pass objects).
+PARAMS = {
+    "dreg_alpha": {"alpha": ALPHA},
+    "dreg_cv": CV_VALUES,
+    "ciwae": {"beta": BETA},
+    **{name: {"groups": GROUPS} for name in ("miwae", "piwae", "dreg_miwae", "dreg_piwae")},
+}
 
 ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "vae": ELBO,
@@ -46,9 +61,16 @@ ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "jvi": JVI,
     "dreg_jvi": DReGJVI,
     "dreg_cv": lambda: DReGCV(**CV_VALUES),
+    "miwae": lambda: MIWAE(groups=GROUPS),
+    "ciwae": lambda: CIWAE(beta=BETA),
+    "piwae": lambda: PIWAE(groups=GROUPS),
+    "dreg_miwae": lambda: DReGMIWAE(groups=GROUPS),
+    "dreg_piwae": lambda: DReGPIWAE(groups=GROUPS),
 }
 NAMES = list(ESTIMATORS)
+GROUPED = ["miwae", "piwae", "dreg_miwae", "dreg_piwae"]  # K must be a multiple of GROUPS
 MIN_SAMPLES = {"dreg_rws_norm": 2, "jvi": 2, "dreg_jvi": 2, "dreg_cv": 2}
+MIN_SAMPLES |= {name: GROUPS for name in GROUPED}
 
 # Inference-gradient zero at the exact posterior for every draw (no score term survives).
 ZERO_AT_POSTERIOR = [
@@ -59,6 +81,8 @@ ZERO_AT_POSTERIOR = [
     "dreg_rws_norm",
     "dreg_alpha",
     "dreg_jvi",
+    "dreg_miwae",
+    "dreg_piwae",
 ]
 
 
@@ -73,13 +97,39 @@ def naive_jackknife_bound(log_w: Tensor) -> Tensor:
     return k * naive_iwae_bound(log_w) - (k - 1) * torch.stack(loo).mean(0)
 
 
+def naive_miwae_bound(log_w: Tensor, groups: int = GROUPS) -> Tensor:
+    """1/M sum_m log 1/K' sum_k w_{m,k}, group m = samples m K' .. (m+1) K' - 1, by a loop."""
+    size = log_w.shape[0] // groups
+    terms = [naive_iwae_bound(log_w[m * size : (m + 1) * size]) for m in range(groups)]
+    return torch.stack(terms).mean(0)
+
+
 def naive_bound(name: str, log_w: Tensor) -> Tensor:
     """The bound each estimator states it optimizes (its model gradient and objective)."""
     if name == "vae":
         return log_w.mean(0)
     if name in ("jvi", "dreg_jvi"):
         return naive_jackknife_bound(log_w)
-    return naive_iwae_bound(log_w)
+    if name in ("miwae", "dreg_miwae"):
+        return naive_miwae_bound(log_w)
+    if name == "ciwae":
+        return BETA * log_w.mean(0) + (1 - BETA) * naive_iwae_bound(log_w)
+    return naive_iwae_bound(log_w)  # piwae, dreg_piwae: the model's IWAE_K
+
+
+def naive_inference_bound(name: str, log_w: Tensor) -> Tensor:
+    """The objective whose reparameterized gradient the inference network of a fully
+    reparameterized estimator follows (PIWAE's differs from its model's)."""
+    return naive_miwae_bound(log_w) if name == "piwae" else naive_bound(name, log_w)
+
+
+def naive_group_weights(log_w: Tensor, groups: int = GROUPS) -> Tensor:
+    """w~_{m,k}: each sample's weight over the sum of its own group's, by a loop."""
+    size, out = log_w.shape[0] // groups, torch.zeros_like(log_w)
+    for m in range(groups):
+        group = log_w[m * size : (m + 1) * size]
+        out[m * size : (m + 1) * size] = torch.exp(group - torch.logsumexp(group, 0))
+    return out
 
 
 def loo_weight_powers(log_w: Tensor, power: int) -> Tensor:
@@ -101,6 +151,8 @@ def naive_coefficients(name: str, log_w: Tensor) -> tuple[Tensor, Tensor, Tensor
     w = torch.exp(log_w - torch.logsumexp(log_w, 0))  # w~
     zero = torch.zeros_like(w)
     jk1 = k * w - (k - 1) / k * loo_weight_powers(log_w, 1) if k > 1 else None
+    gw = naive_group_weights(log_w) if k % GROUPS == 0 else None
+    ci = BETA / k + (1 - BETA) * w
     table = {
         "vae": lambda: (zero + 1 / k, zero + 1 / k, zero + 1 / k),
         "iwae": lambda: (w, w, w),
@@ -114,6 +166,11 @@ def naive_coefficients(name: str, log_w: Tensor) -> tuple[Tensor, Tensor, Tensor
         "jvi": lambda: (jk1, jk1, jk1),
         "dreg_jvi": lambda: (jk1, k * w**2 - (k - 1) / k * loo_weight_powers(log_w, 2), zero),
         "dreg_cv": lambda: _naive_cv(log_w, w),
+        "miwae": lambda: (gw / GROUPS, gw / GROUPS, gw / GROUPS),
+        "ciwae": lambda: (ci, ci, ci),
+        "piwae": lambda: (w, gw / GROUPS, gw / GROUPS),
+        "dreg_miwae": lambda: (gw / GROUPS, gw**2 / GROUPS, zero),
+        "dreg_piwae": lambda: (w, gw**2 / GROUPS, zero),
     }
     return table[name]()
 

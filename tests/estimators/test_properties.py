@@ -9,8 +9,22 @@ import pytest
 import torch
 
 from dreg.analytic import GaussianModel
-from dreg.estimators import DReGAlpha, DReGCV, DReGIWAE, DReGRWS, Estimator
-from tests.estimators.cases import ESTIMATORS, MIN_SAMPLES, NAMES
+from dreg.estimators import (
+    CIWAE,
+    ELBO,
+    IWAE,
+    MIWAE,
+    PIWAE,
+    DReGAlpha,
+    DReGCV,
+    DReGIWAE,
+    DReGMIWAE,
+    DReGPIWAE,
+    DReGRWS,
+    Estimator,
+    estimator_by_name,
+)
+from tests.estimators.cases import ESTIMATORS, GROUPED, GROUPS, MIN_SAMPLES, NAMES
 
 INF = math.inf
 
@@ -48,9 +62,64 @@ def test_too_few_samples_raise_with_the_config_fix(name):
     estimator = ESTIMATORS[name]()
     assert estimator.min_samples == min_samples
     estimator(torch.zeros(min_samples, 3))  # enough samples: no error
+    if name in GROUPED:  # K = 1 is not a multiple of M: the groups message
+        match = rf"'{name}' splits .* estimator.groups={GROUPS} .* model.num_samples=1 is not"
+    else:
+        match = rf"'{name}' needs K >= {min_samples}, got K=1"
     if min_samples > 1:
-        with pytest.raises(ValueError, match=rf"'{name}' needs K >= {min_samples}, got K=1"):
+        with pytest.raises(ValueError, match=match):
             estimator(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_k_not_a_multiple_of_groups_is_refused_in_one_line(name):
+    estimator = estimator_by_name(name)  # the default M = 8
+    estimator(torch.zeros(16, 3))
+    for k in (4, 12):
+        with pytest.raises(ValueError) as raised:
+            estimator(torch.zeros(k, 3))
+        message = str(raised.value)
+        assert "\n" not in message
+        assert "estimator.groups=8" in message and f"model.num_samples={k} " in message
+
+
+@pytest.mark.parametrize("groups", [0, -2, 2.5, True])
+def test_groups_must_be_a_positive_integer(groups):
+    with pytest.raises(ValueError, match=rf"estimator.groups={groups}: miwae needs an integer"):
+        MIWAE(groups=groups)
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5])
+def test_ciwae_rejects_beta_outside_unit_interval(beta):
+    with pytest.raises(ValueError, match=r"estimator.beta in \[0, 1\]"):
+        CIWAE(beta=beta)
+
+
+# -- Rainforth et al.'s estimators at the ends of their parameter ranges -------------------
+def reduction_cases():
+    """(estimator, same as, fields that must be equal): M = 1 is IWAE_K, M = K is the ELBO;
+    CIWAE's beta = 0 is IWAE and beta = 1 the ELBO; their DReG forms reduce likewise."""
+    every = ("objective", "model", "path", "score")
+    return [
+        (MIWAE(groups=1), IWAE(), every),
+        (MIWAE(groups=8), ELBO(), every),
+        (PIWAE(groups=1), IWAE(), every),
+        (CIWAE(beta=0.0), IWAE(), every),
+        (CIWAE(beta=1.0), ELBO(), every),
+        (DReGMIWAE(groups=1), DReGIWAE(), every),
+        (DReGPIWAE(groups=1), DReGIWAE(), every),
+        (DReGPIWAE(groups=4), DReGMIWAE(groups=4), ("path", "score")),
+        (PIWAE(groups=4), IWAE(), ("objective", "model")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(reduction_cases())))
+def test_rainforth_reductions(case):
+    estimator, same_as, keys = reduction_cases()[case]
+    log_w = GaussianModel.default().draw(8, num_draws=3, seed=7).particles.log_w
+    got, want = fields(estimator.double()(log_w)), fields(same_as.double()(log_w))
+    for key in keys:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-14, msg=key)
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
@@ -86,7 +155,7 @@ def test_extreme_log_weights_give_finite_coefficients(name, dtype, with_inf):
     estimator = ESTIMATORS[name]().to(dtype)
     weights = estimator(extreme_log_weights(dtype, with_inf))
     for key, value in fields(weights).items():
-        if key == "objective" and name == "vae" and with_inf:
+        if key == "objective" and name in ("vae", "ciwae") and with_inf:
             # The ELBO of a draw containing a zero-weight sample is -inf: reported truthfully.
             assert value.eq(-INF).all()
             continue
@@ -144,4 +213,14 @@ def test_estimators_are_modules_with_names():
     for name in NAMES:
         estimator = ESTIMATORS[name]()
         assert isinstance(estimator, Estimator) and estimator.name == name
-        assert estimator.family in ("iwae", "rws", "jvi", "mixed")
+        assert estimator.family in ("iwae", "rws", "jvi", "mixed", "miwae", "ciwae", "piwae")
+        if estimator.family != "mixed":  # the bias check's reference: an estimator's name
+            assert estimator.family in ESTIMATORS
+
+
+@pytest.mark.parametrize(("name", "reference"), [("dreg_miwae", "miwae"), ("dreg_piwae", "piwae")])
+def test_grouped_dreg_reference_is_its_base_with_the_same_groups(name, reference):
+    estimator = estimator_by_name(name, groups=4)
+    assert estimator.family == reference and estimator.needs_independent_samples
+    base = estimator_by_name(estimator.family, **estimator.reference_params())
+    assert base.name == reference and base.groups == 4

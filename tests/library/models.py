@@ -28,8 +28,11 @@ from torch.distributions import (
 )
 
 from tests.estimators.cases import (
+    GROUPS,
     loo_weight_powers,
     naive_bound,
+    naive_group_weights,
+    naive_inference_bound,
     naive_iwae_bound,
     naive_jackknife_bound,
 )
@@ -246,6 +249,8 @@ def inference_surrogate(
         return naive_iwae_bound(log_w_full).sum()
     if name == "jvi":
         return naive_jackknife_bound(log_w_full).sum()
+    if name in ("miwae", "ciwae", "piwae"):  # the objective itself, every path (PIWAE: MIWAE)
+        return naive_inference_bound(name, log_w_full).sum()
     if name == "stl":  # d logmeanexp of the stopped log-weights = sum_k w~_k d(stopped log w_k)
         return naive_iwae_bound(log_w_path).sum()
     if name == "rws":  # wake-phi: maximize sum_k w~_k log q(stop z_k)
@@ -267,6 +272,8 @@ def inference_surrogate(
         "dreg_rws_norm": lambda: (w - w**2) / (w - w**2).sum(0),
         "dreg_alpha": lambda: (1 - alpha) * w**2 + alpha * (w - w**2),
         "dreg_jvi": lambda: k * w**2 - (k - 1) / k * loo_weight_squares(lw),
+        "dreg_miwae": lambda: naive_group_weights(lw) ** 2 / GROUPS,  # DReG within each group
+        "dreg_piwae": lambda: naive_group_weights(lw) ** 2 / GROUPS,
     }[name]()
     return (path * log_w_path).sum()
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from dreg.estimators import DReGCV
+from dreg.estimators import DReGCV, estimator_by_name
 from dreg.library import detach_parameters, monte_carlo_objective
-from tests.estimators.cases import naive_bound
+from tests.estimators.cases import PARAMS, naive_bound
 from tests.library.models import DTYPE, MODELS, noise_shape, reference_gradients
 
 ESTIMATOR_NAMES = sorted(
@@ -25,7 +25,7 @@ ESTIMATOR_NAMES = sorted(
 )
 # Non-trivial control-variate values (exact in binary), so every term of dreg_cv is exercised.
 CV_VALUES = {"alpha": 0.25, "beta": 0.625, "gamma": 0.125, "delta": -0.375}
-K, B = 5, 4  # K >= 2 for jvi, dreg_jvi, dreg_rws_norm, dreg_cv
+K, B = 6, 4  # K >= 2 for jvi, dreg_jvi, dreg_rws_norm, dreg_cv; a multiple of miwae's groups
 TOL = 1e-10
 
 
@@ -34,8 +34,13 @@ def close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> boo
 
 
 def estimator_arg(name: str):
-    """The public API's argument: a config name, or an object for the learned ``dreg_cv``."""
-    return DReGCV(**CV_VALUES).double() if name == "dreg_cv" else name
+    """The public API's argument: a config name, or an object for the learned ``dreg_cv`` and
+    for the estimators whose test parameters differ from their defaults (miwae's groups)."""
+    if name == "dreg_cv":
+        return DReGCV(**CV_VALUES).double()
+    if name in PARAMS and name != "dreg_alpha":  # dreg_alpha: the default alpha, by name
+        return estimator_by_name(name, **PARAMS[name]).double()
+    return name
 
 
 def setup(model_name: str, seed: int = 3):
@@ -61,7 +66,8 @@ def library_gradients(model, x, eps, estimator):
 
 
 def test_every_config_estimator_is_covered():
-    assert len(ESTIMATOR_NAMES) == 12 and {"dreg_iwae", "dreg_cv", "vae"} <= set(ESTIMATOR_NAMES)
+    assert len(ESTIMATOR_NAMES) == 17 and {"dreg_iwae", "dreg_cv", "vae"} <= set(ESTIMATOR_NAMES)
+    assert {"miwae", "ciwae", "piwae", "dreg_miwae", "dreg_piwae"} <= set(ESTIMATOR_NAMES)
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -87,14 +93,14 @@ def test_one_backward_equals_two_pass_definition(name, model_name):
 def test_dreg_model_gradient_is_exactly_the_bound_gradient(model_name):
     """The TFP trap: DReG's w~^2 belongs to the inference path only. Every DReG estimator
     gives the model parameters exactly the gradient of its base bound (IWAE; the jackknife
-    for dreg_jvi), bitwise, on the same noise."""
+    for dreg_jvi, MIWAE for dreg_miwae), bitwise, on the same noise."""
     model, x, eps = setup(model_name, seed=5)
     dreg_names = [n for n in ESTIMATOR_NAMES if n.startswith("dreg_")]
     grads = {n: library_gradients(model, x, eps, estimator_arg(n))[1] for n in dreg_names}
-    for base in ("iwae", "jvi"):
-        grads[base] = library_gradients(model, x, eps, base)[1]
+    for base in ("iwae", "jvi", "miwae"):
+        grads[base] = library_gradients(model, x, eps, estimator_arg(base))[1]
     for name in dreg_names:
-        base = "jvi" if name == "dreg_jvi" else "iwae"
+        base = {"dreg_jvi": "jvi", "dreg_miwae": "miwae"}.get(name, "iwae")
         assert all(torch.equal(a, b) for a, b in zip(grads[name], grads[base], strict=True))
 
     # The trap is measurable: sum_k w~_k^2 d/dtheta log p (TFP's DREG model gradient) is far

@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 
-from dreg.estimators import DReGCV
+from dreg.estimators import DReGCV, estimator_by_name
 from dreg.library import monte_carlo_objective
+from tests.estimators.cases import GROUPS
 from tests.library.models import DTYPE, MODELS, noise_shape
 
 NUM_COPIES = 2000
@@ -25,6 +26,8 @@ MAX_SE = 4.0
 CV_VALUES = {"alpha": 0.25, "beta": 0.625, "gamma": 0.125, "delta": -0.375}
 ALPHA = 0.9  # dreg_alpha's default
 NAMES = ["iwae", "stl", "dreg_iwae", "rws", "dreg_rws", "dreg_alpha", "jvi", "dreg_jvi", "dreg_cv"]
+GROUPED = ["miwae", "dreg_miwae", "piwae", "dreg_piwae"]  # M = GROUPS divides every K below
+NAMES += GROUPED
 
 
 def per_copy_gradients(model_name: str, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
@@ -40,6 +43,8 @@ def per_copy_gradients(model_name: str, num_samples: int, seed: int) -> dict[str
     for name in NAMES:
         raw = raw_outputs.clone().requires_grad_(True)
         estimator = DReGCV(**CV_VALUES, learn=False).double() if name == "dreg_cv" else name
+        if name in GROUPED:
+            estimator = estimator_by_name(name, groups=GROUPS)
         result = monte_carlo_objective(
             model.distribution(model.split(raw)),
             lambda z: model.log_joint(x, z),
@@ -68,8 +73,9 @@ def within_standard_errors(diff: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize(
     ("name", "reference"),
-    [("dreg_iwae", "iwae"), ("dreg_rws", "rws"), ("dreg_jvi", "jvi"), ("dreg_cv", "iwae")],
-)
+    [("dreg_iwae", "iwae"), ("dreg_rws", "rws"), ("dreg_jvi", "jvi"), ("dreg_cv", "iwae"),
+     ("dreg_miwae", "miwae"), ("dreg_piwae", "piwae")],
+)  # fmt: skip
 def test_dreg_estimator_is_unbiased_for_its_reference(gradients, name, reference):
     assert within_standard_errors(gradients[name] - gradients[reference])
 

@@ -1,0 +1,231 @@
+"""The run of steps, written once: a run alone and a pack's joint run are the same code.
+
+A training call of a job asks for a run of optimizer steps (a :class:`Request`: its
+``BatchGroup`` of ``model.steps_per_call`` batches). :class:`Cohorts` takes the steps of any
+number of requests together: it sorts the jobs into cohorts (jobs whose replicas can share
+one stacked model and optimizer), steps every cohort once per step, counts each job's step,
+stops when a job is asked to stop, and reads the device flags once at the end of the run
+(:meth:`dreg.step.Replicas.faults`). A run alone is a pack of one: one request, one cohort of
+one, whose replica is the module itself (:meth:`dreg.step.Replicas.alone`), stepped with
+Lightning's ``manual_backward``. A pack (:mod:`dreg.pack`) hands it every waiting job's
+request at its barrier.
+
+What else is wired here, once for every way to train:
+
+* **Observers** (``grad_stats``, ``estimator_compare``): before each update a job whose
+  callbacks read gradients sees its replica's parameters and gradients in its own module
+  (:meth:`dreg.step.Replicas.show`) and its hooks run. A replica whose step is not finite is
+  not shown: its update is undone, so its gradient must not enter the statistics either.
+* **The captured CUDA graph** (``model.cuda_graph=true``): a cohort whose jobs all want it
+  replays its whole step as one graph (:mod:`dreg.captured_step`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from dreg.captured_step import CapturedStep
+from dreg.step import Job, Replicas, Split
+
+
+class TrainingJob(Job, Protocol):
+    """What a run of steps needs of a job besides what the step needs (:class:`Job`);
+    :class:`dreg.lightning_module.DReGModule` implements it."""
+
+    trainer: Any  # the job's pl.Trainer (its loops, loggers and clocks)
+
+    def training_optimizer(self) -> torch.optim.Optimizer:
+        """The job's own optimizer (its state is what checkpoints hold)."""
+        ...
+
+    def split(self, bits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """A row of binarized pixels -> ``(x, context)``."""
+        ...
+
+    def manual_backward(self, loss: Tensor) -> None:
+        """The backward of a job trained in place (Lightning's: DDP and precision see it)."""
+        ...
+
+    def observes_gradients(self) -> bool:
+        """A callback reads every step's gradients (then :meth:`before_update` is called)."""
+        ...
+
+    def before_update(self, step_inputs: tuple) -> None:
+        """Run the job's ``on_before_optimizer_step`` hooks (gradients in ``p.grad``)."""
+        ...
+
+    def wants_captured_step(self) -> bool:
+        """Replay the step as one CUDA graph (``model.cuda_graph=true`` on CUDA)."""
+        ...
+
+    def stop_requested(self) -> bool:
+        """A stop signal arrived, or the job has taken its last step."""
+        ...
+
+    def count_step(self) -> None:
+        """Count one optimizer step in the job's trainer."""
+        ...
+
+
+@dataclass
+class RunResult:
+    """What a run of steps did for one job.
+
+    :ivar steps: steps taken (fewer than the group's when a stop signal arrived).
+    :ivar first_bad: index in the run of the first non-finite step, or -1.
+    :ivar skipped: updates undone under ``nonfinite=skip``.
+    :ivar objective: ``[]`` device tensor, the last step's objective (batch mean).
+    :ivar iwae_bound: ``[]`` device tensor, the last step's IWAE bound (batch mean).
+    """
+
+    steps: int
+    first_bad: int
+    skipped: int
+    objective: Tensor
+    iwae_bound: Tensor
+
+
+@dataclass
+class Request:
+    """A job's run of steps: its batches, and how far it got."""
+
+    job: TrainingJob
+    group: object  # dreg.datamodules.binarized.BatchGroup: rows [N, B], data, first_batch
+    offset: int = 0  # steps of the group already taken
+    first_bad: int = -1
+    skipped: int = 0
+    done: bool = False
+    error: BaseException | None = None
+    result: RunResult | None = None
+
+
+@dataclass
+class Cohort:
+    """Jobs stepped as one model: their replicas and, with ``model.cuda_graph=true`` on CUDA,
+    the captured step."""
+
+    replicas: Replicas
+    backward: Callable[[Tensor], None]
+    split: Split
+    captured: CapturedStep | None = None
+
+    def step(self, rows: Tensor, data: Tensor) -> None:
+        """One step of every replica on the batches at ``rows`` ``[M, B]`` of ``data``."""
+        if self.captured is not None:  # the whole step, one graph replay
+            self.captured.replay(rows)
+        else:
+            self.replicas.step(data[rows], self.split, self.backward)
+
+
+def cohort_key(job: TrainingJob) -> tuple:
+    """Jobs whose replicas can share one stacked model and optimizer: the same optimizer
+    settings and step count (Adam's bias correction), step settings and device."""
+    state = next(iter(job.training_optimizer().state.values()), {})
+    return (
+        repr(job.optimizer_factory),
+        int(state["step"]) if "step" in state else 0,
+        tuple(sorted(job.step_settings().items())),
+        str(next(job.net.parameters()).device),
+    )
+
+
+class Cohorts:
+    """Takes runs of steps for jobs, in cohorts kept while the same jobs train together."""
+
+    def __init__(self) -> None:
+        self._cohorts: dict[tuple[int, ...], Cohort] = {}  # by the ids of its jobs
+        self.steps = 0  # joint steps taken
+
+    def run(self, requests: Sequence[Request]) -> None:
+        """As many steps as every request still has, for all of them (one cohort after
+        another); a request is ``done`` when its group is used up, it was stopped, or it went
+        bad under ``nonfinite=raise``. The others wait for the next run."""
+        n = min(len(r.group) - r.offset for r in requests)
+        cohorts = self._cohorts_of(requests)
+        for cohort, _ in cohorts:
+            cohort.replicas.start_run()
+        taken = 0
+        for _ in range(n):
+            if any(r.job.stop_requested() for r in requests):
+                break
+            for cohort, members in cohorts:
+                rows = torch.stack([r.group.rows[r.offset + taken] for r in members])
+                cohort.step(rows, members[0].group.data)
+            for request in requests:
+                request.job.count_step()
+            taken += 1
+            self.steps += 1
+        for cohort, members in cohorts:
+            _close_run(cohort.replicas, members, taken, stopped=taken < n)
+
+    def _cohorts_of(self, requests: Sequence[Request]) -> list[tuple[Cohort, list[Request]]]:
+        by_key: dict[tuple, list[Request]] = {}
+        for request in requests:
+            by_key.setdefault(cohort_key(request.job), []).append(request)
+        cohorts, used = [], set()
+        for members in by_key.values():
+            ids = tuple(id(r.job) for r in members)
+            used.add(ids)
+            if ids not in self._cohorts:
+                self._cohorts[ids] = _build_cohort([r.job for r in members], members[0].group)
+            cohorts.append((self._cohorts[ids], members))
+        for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
+            del self._cohorts[ids]
+        return cohorts
+
+
+def _close_run(replicas: Replicas, members: list[Request], taken: int, stopped: bool) -> None:
+    """After a run: copy the replicas back into their jobs, read the flags once, and finish
+    the requests that are done."""
+    jobs = [r.job for r in members]
+    replicas.store(jobs, [job.training_optimizer() for job in jobs])
+    first_bad, skipped = replicas.faults() if taken else ([-1] * len(jobs), [0] * len(jobs))
+    for i, request in enumerate(members):
+        if request.first_bad < 0 and first_bad[i] >= 0:
+            request.first_bad = request.offset + first_bad[i]
+        request.skipped += skipped[i]
+        request.offset += taken
+        dead = request.first_bad >= 0 and request.job.nonfinite == "raise"
+        if request.offset == len(request.group) or stopped or dead:
+            request.done = True
+            request.result = RunResult(
+                request.offset,
+                request.first_bad,
+                request.skipped,
+                replicas.objective[i].clone(),
+                replicas.iwae_bound[i].clone(),
+            )
+
+
+def _build_cohort(jobs: list[TrainingJob], group) -> Cohort:
+    """One stacked model for ``jobs``; a cohort of one trains in place, as a run alone."""
+    optimizers = [job.training_optimizer() for job in jobs]
+    settings = jobs[0].step_settings()
+    if len(jobs) == 1:
+        replicas = Replicas.alone(jobs[0], optimizers[0], jobs[0].noise, **settings)
+        backward = jobs[0].manual_backward
+    else:
+        replicas = Replicas.stacked(jobs, optimizers, [job.noise for job in jobs], **settings)
+        backward = Tensor.backward
+    for m, job in enumerate(jobs):
+        if job.observes_gradients():
+            replicas.observers[m] = _observer(replicas, job)
+    cohort = Cohort(replicas, backward, jobs[0].split)
+    if all(job.wants_captured_step() for job in jobs):
+        cohort.captured = CapturedStep(replicas, group.data, jobs[0].split, group.rows.shape[1])
+    return cohort
+
+
+def _observer(replicas: Replicas, job: TrainingJob) -> Callable[[int], None]:
+    """Shows ``job`` its replica's parameters and gradients and calls its hooks."""
+
+    def observe(m: int) -> None:
+        replicas.show(m, job.net)
+        job.before_update(replicas.inputs_of(m))
+
+    return observe

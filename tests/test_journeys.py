@@ -1,0 +1,298 @@
+"""User journeys around checkpoints, through the real CLI (issue 24): resume a preempted run
+with the command it printed, evaluate a checkpoint, move or copy a run folder, a full disk, a
+damaged ``last.ckpt``, DDP with W&B offline.
+
+Each test runs ``train.py`` in a subprocess at a tiny size, from a fresh folder, as a new user
+would, and checks what that user would check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreg.checkpointing import load_checkpoint
+from dreg.errors import EXIT_PREEMPTED
+from tests.conftest import (
+    ROOT,
+    TINY_RUN,
+    assert_same_checkpoint_state,
+    cli,
+    requires_mnist,
+    wait_for,
+)
+from tests.test_wandb_dashboard import records  # reads an offline run's .wandb file
+
+pytestmark = [requires_mnist, pytest.mark.slow]
+
+TINY = [*TINY_RUN, "model.net.hidden_dims=[8]", "model.net.latent_dim=2", "model.num_samples=4"]
+LONG = [*TINY, "trainer.max_steps=60", "trainer.val_check_interval=10"]
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    """``python train.py *args`` in the background, from ``cwd``."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def preempt(proc: subprocess.Popen, when: Path) -> str:
+    """SIGTERM ``proc`` once ``when`` exists; its last stderr line (the one-line error)."""
+    wait_for(when, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    return stderr.strip().splitlines()[-1]
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[-1]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def run_folders(cwd: Path) -> list[Path]:
+    """The single-run folders Hydra made under ``cwd`` (``outputs/runs/<time>``)."""
+    return sorted((cwd / "outputs" / "runs").iterdir())
+
+
+def wait_for_run_folder(cwd: Path, proc: subprocess.Popen, timeout: float = 240) -> Path:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (cwd / "outputs" / "runs").is_dir() and run_folders(cwd):
+            return run_folders(cwd)[0]
+        time.sleep(0.05)
+    raise AssertionError("no run folder appeared")
+
+
+# -- item 4: the printed resume hint, and the same command with resume=true -----------------
+def test_a_preempted_run_continues_with_the_same_command_or_its_printed_hint(tmp_path):
+    reference = tmp_path / "reference"
+    assert cli(*LONG, f"hydra.run.dir={reference}", cwd=tmp_path).returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+
+    # Preempted once, continued with the same command and resume=true (no run folder given).
+    proc = start(*LONG, cwd=work)
+    run_dir = wait_for_run_folder(work, proc)
+    first = preempt(proc, run_dir / "checkpoints" / "best-step10.ckpt")
+    assert first.startswith("error: preempted at step") and "resume=true" in first
+    next_validation = (read_json(run_dir / "status.json")["global_step"] // 10 + 1) * 10
+    proc = start(*LONG, "resume=true", cwd=work)
+    second = preempt(proc, run_dir / "images" / f"samples-step{next_validation:06d}.png")
+    assert run_folders(work) == [run_dir]  # continued in its own folder, no new one
+    assert "continuing the interrupted run" in (run_dir / "train.log").read_text()
+
+    # Preempted again: its printed command, run literally, finishes the run.
+    command = shlex.split(second.split("resume=true: ", 1)[1])
+    assert command[:2] == ["python", str(ROOT / "train.py")]
+    result = subprocess.run(
+        [sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert run_folders(work) == [run_dir]
+    got = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    want = load_checkpoint(reference / "checkpoints" / "last.ckpt")
+    assert_same_checkpoint_state(got, want)  # bitwise an uninterrupted run
+    metrics, expected = read_json(run_dir / "metrics.json"), read_json(reference / "metrics.json")
+    for key in ("global_step", "test/log_likelihood", "val/log_likelihood", "tested_checkpoint"):
+        assert metrics[key] == expected[key], key
+
+
+# -- item 5: evaluate a checkpoint; moved and copied run folders -----------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished 4-step run (validations at steps 2 and 4), moved after it ended."""
+    root = tmp_path_factory.mktemp("trained")
+    result = cli(*TINY, f"hydra.run.dir={root / 'run'}", cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.move(root / "run", root / "moved")
+    return root / "moved"
+
+
+def best_of(run_dir: Path) -> Path:
+    return run_dir / read_json(run_dir / "metrics.json")["tested_checkpoint"]
+
+
+def test_evaluate_tests_exactly_the_given_checkpoint(trained, tmp_path):
+    checkpoint = trained / "checkpoints" / "last.ckpt"
+    result = cli(*TINY, "mode=evaluate", f"ckpt_path={checkpoint}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = run_folders(tmp_path)  # a run folder of its own
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["tested_checkpoint"] == str(checkpoint)
+    assert metrics["global_step"] == 4
+    assert metrics["test/log_likelihood"] < 0
+    assert read_json(run_dir / "status.json")["status"] == "completed"
+
+
+def test_evaluating_non_finite_weights_fails_instead_of_recording_nan(trained, tmp_path):
+    broken = load_checkpoint(trained / "checkpoints" / "last.ckpt")
+    name = next(iter(broken["state_dict"]))
+    broken["state_dict"][name] = torch.full_like(broken["state_dict"][name], float("nan"))
+    torch.save(broken, tmp_path / "nan.ckpt")
+    result = cli(*TINY, "mode=evaluate", f"ckpt_path={tmp_path / 'nan.ckpt'}",
+                 f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
+    assert result.returncode == 6, result.stderr[-2000:]
+    assert "non-finite" in error_line(result)
+    assert read_json(tmp_path / "eval" / "status.json")["exit_code"] == 6
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_a_run_started_from_a_moved_runs_checkpoint_tests_its_own_weights(trained, tmp_path):
+    # A budget already reached: nothing to train; the test is of the weights it started from,
+    # not of the old run's best file, by a path that no longer exists.
+    start_from = f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"
+    result = cli(*TINY, start_from, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_json(tmp_path / "run" / "metrics.json")["tested_checkpoint"] == "final weights"
+
+
+def test_a_copied_run_folder_resumes_and_tests_its_own_files(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    # One step more and no validation after it: the test is of the best checkpoint, the copy's.
+    result = cli(*TINY, "trainer.max_steps=5", "resume=true", f"hydra.run.dir={copy}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = read_json(copy / "metrics.json")
+    assert metrics["global_step"] == 5
+    assert (copy / metrics["tested_checkpoint"]).exists()
+    assert metrics["tested_checkpoint"] == read_json(trained / "metrics.json")["tested_checkpoint"]
+
+
+# -- item 12: a damaged last.ckpt names the way out, and the way out works -------------------
+def test_a_damaged_last_checkpoint_names_the_way_out_and_the_way_out_works(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:-300])  # cut short
+
+    result = cli(*TINY, "trainer.max_steps=6", "resume=true", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 4, result.stderr[-2000:]
+    line = error_line(result)
+    assert "is damaged" in line and "delete" not in line
+    way_out = line.split("to continue this run from another of its checkpoints: ", 1)[1]
+    assert way_out == f"resume=true ckpt_path={best_of(run_dir)}"
+    assert read_json(run_dir / "status.json")["status"] == "completed"  # refused: unchanged
+
+    result = cli(*TINY, "trainer.max_steps=6", *shlex.split(way_out), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_json(run_dir / "metrics.json")["global_step"] == 6
+    assert load_checkpoint(last)["global_step"] == 6  # the damaged file replaced by a good one
+
+
+# -- item 7: a disk that fills up during a checkpoint save ----------------------------------
+# Runs train.py with torch.save failing as a full disk does, from its third save on (the
+# first validation's two checkpoints are written): part of the bytes reach the file, then
+# ENOSPC.
+DISK_FULL = """
+import errno, runpy, sys, torch
+real_save, saves = torch.save, []
+def save(obj, f, *args, **kwargs):
+    saves.append(f)
+    if len(saves) < 3:
+        return real_save(obj, f, *args, **kwargs)
+    f.write(b"PK\\x03\\x04" + bytes(100))
+    raise OSError(errno.ENOSPC, "No space left on device")
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_fails_with_its_own_code(tmp_path):
+    wrapper, run_dir = tmp_path / "disk_full.py", tmp_path / "run"
+    wrapper.write_text(DISK_FULL)
+    result = subprocess.run(
+        [sys.executable, str(wrapper), str(ROOT / "train.py"), *TINY,
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 8, result.stderr[-2000:]
+    line = error_line(result)
+    assert "No space left on device" in line and str(run_dir / "checkpoints") in line
+    assert "resume=true" in line
+    assert read_json(run_dir / "status.json") == {
+        "status": "failed", "error": line[len("error: "):], "exit_code": 8,
+    }  # fmt: skip
+    files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert not [name for name in files if not name.endswith(".ckpt")]  # no temporary left
+    for name in files:  # every file under a checkpoint's name is whole
+        assert load_checkpoint(run_dir / "checkpoints" / name)["global_step"] == 2, name
+
+    result = cli(*TINY, "resume=true", f"hydra.run.dir={run_dir}")  # room made again
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_json(run_dir / "metrics.json")["global_step"] == 4
+
+
+# -- item 6: DDP with the default W&B logger, offline ---------------------------------------
+@pytest.mark.ddp
+def test_ddp_with_wandb_offline_ends_clean_on_every_rank(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu",
+         *[a for a in TINY if a != "logger=csv"], f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env={**env, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)},  # no W&B credentials
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr[-3000:]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+# -- item 8: W&B offline, preempted and resumed: one run -------------------------------------
+def test_a_resumed_offline_wandb_run_is_one_run_whose_steps_continue(tmp_path):
+    run_dir, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, "HOME": str(home)}
+    args = [*[a for a in LONG if a != "logger=csv"], f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    preempt(proc, run_dir / "checkpoints" / "best-step10.ckpt")
+    resumed_at = read_json(run_dir / "status.json")["global_step"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, "resume=true"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2
+    runs, steps = [], []
+    for segment in segments:
+        (log,) = segment.glob("*.wandb")
+        logged = list(records(log))
+        runs += [r.run for r in logged if r.WhichOneof("record_type") == "run"]
+        steps.append([
+            int(item.value_json) for r in logged if r.WhichOneof("record_type") == "history"
+            for item in r.history.item if list(item.nested_key) == ["trainer/global_step"]
+        ])  # fmt: skip
+    assert {run.run_id for run in runs} == {(run_dir / "wandb" / "run_id").read_text().strip()}
+    assert all(run.resume for run in runs)  # synced together, W&B appends them in order
+    assert min(steps[1]) > resumed_at and max(steps[1]) == 60  # continued, not from 0
+    # The upload command names every segment, so they are synced together, in order.
+    assert f"wandb sync {run_dir / 'wandb'}\n" in (run_dir / "train.log").read_text()
