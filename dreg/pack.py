@@ -27,8 +27,9 @@ Why the jobs cannot change each other's numbers:
 
 Replicas whose optimizers differ (settings, or Adam's step count after a resume) form
 separate cohorts, each one stacked model; a cohort of one trains in place, so a pack of one
-is a normal run, bitwise (tests/test_paths.py checks every path against a run alone). With ``model.cuda_graph=true`` on CUDA a cohort's whole joint step
-is one captured graph (:mod:`dreg.captured_step`).
+is a normal run, bitwise (tests/test_paths.py checks every path against a run alone). With
+``model.cuda_graph=true`` on CUDA a cohort's whole joint step is one captured graph
+(:mod:`dreg.captured_step`).
 
 What stays, and why: the threads, because each job keeps its own Lightning loop and records;
 the swap of global RNG states and Hydra's config at the barrier, because evaluation and

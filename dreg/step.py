@@ -394,7 +394,7 @@ class Replicas:
         )
         self.optimizer.zero_grad()
         backward(loss)
-        if compiled and not self.observers:
+        if compiled and not self.observers and self.optimizer.state:
             compiled[1](log_w, objective, log_q_stop_z, None)
             return
         # The gradient's norm only where clipping needs it; finiteness alone is cheaper.
@@ -418,8 +418,10 @@ class Replicas:
         the optimizer's update (masked per replica, fused) and the records. Eager between
         them: the two draws (each replica's own ``torch.Generator``), ``split`` and the
         ``backward`` callable (Lightning's ``manual_backward`` alone). With observers the
-        part after the backward runs eagerly (they read gradients on the host). Same numbers
-        as eager up to float32 round-off. ``options`` go to ``torch.compile``."""
+        part after the backward runs eagerly (they read gradients on the host), and so does
+        the first update: the optimizer creates its state lazily, and an update traced
+        before that state exists does not undo a skipped step's moments. Same numbers as
+        eager up to float32 round-off. ``options`` go to ``torch.compile``."""
         self._lean_proposal()  # decided eagerly: inspect is no graph material
         self._compiled = (
             torch.compile(self._loss, **options),

@@ -39,3 +39,79 @@ def test_compiled_step_matches_eager():
     for got, want in zip(grads[1], grads[0], strict=True):
         # Inductor fuses and reorders float32 reductions: equal up to rounding, not bitwise.
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _stacked(name: str, size: int = 2):
+    """A pack's stacked step over ``size`` tiny jobs (as dreg.pack builds it)."""
+    import functools
+
+    from benchmarks.op_count import tiny_net
+    from dreg.estimators import estimator_by_name
+    from dreg.step import Replicas
+
+    modules = [
+        DReGModule(tiny_net(seed=i), estimator_by_name(name),
+                   functools.partial(torch.optim.Adam, lr=3e-4), num_samples=4)
+        for i in range(size)
+    ]  # fmt: skip
+    optimizers = [m.configure_optimizers() for m in modules]
+    generators = [torch.Generator().manual_seed(10 + i) for i in range(size)]
+    return Replicas.stacked(modules, optimizers, generators, **modules[0].step_settings())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None,
+    reason="torch.compile on CPU needs a C compiler",
+)
+@pytest.mark.parametrize(("layout", "name"), [("alone", "dreg_iwae"), ("stacked", "rws")])
+def test_the_compiled_step_is_the_eager_step_without_graph_breaks(layout, name):
+    """``model.compile=step`` (``Replicas.compiled``): each compiled region is one graph, and
+    parameters, optimizer state, flags and records follow eager to float32 round-off, a
+    skipped non-finite step included."""
+    from torch import Tensor
+
+    from benchmarks.op_count import _split, ours, tiny_net
+
+    def build():
+        if layout == "alone":
+            return ours(tiny_net(), name, 4, nonfinite="skip")
+        replicas = _stacked(name)
+        replicas.skip.fill_(True)
+        return replicas
+
+    eager, compiled = build(), build().compiled()
+    size = eager.size
+    images = torch.rand(size, 32, 784, generator=torch.Generator().manual_seed(2))
+    for replicas in (eager, compiled):
+        # Step 2's gradient is infinite in one entry of the last replica's decoder bias.
+        leaf = next(p for n, p in replicas.params.items() if n == "decoder.2.bias")
+        if replicas.direct:
+            leaf = replicas.net.decoder[2].bias
+        mask = torch.zeros_like(leaf, dtype=torch.bool).reshape(size if not replicas.direct
+                                                                else 1, -1)  # fmt: skip
+        mask[-1, 0] = True
+        mask = mask.reshape(leaf.shape)
+        leaf.register_hook(lambda g, r=replicas, mask=mask: g.masked_fill(mask, torch.inf)
+                           if int(r.step_in_run) == 2 else g)  # fmt: skip
+        replicas.start_run()
+        for _ in range(4):
+            replicas.step(images, _split, Tensor.backward)
+    assert eager.faults() == compiled.faults() == ([-1] * (size - 1) + [2], [0] * (size - 1) + [1])
+    for a, b in zip(eager.leaves, compiled.leaves, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        for key, value in eager.optimizer.state[a].items():
+            torch.testing.assert_close(compiled.optimizer.state[b][key], value,
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(compiled.objective, eager.objective, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(compiled.iwae_bound, eager.iwae_bound, rtol=1e-5, atol=1e-4)
+
+    # No graph break on the hot path: the forward and the update are one graph each.
+    bits, eps = compiled.draw(images)
+    loss, log_w, objective, log_q_stop_z = compiled._loss(bits, None, eps)
+    compiled.optimizer.zero_grad()
+    loss.backward()
+    for fn, args in ((compiled._loss, (bits, None, eps)),
+                     (compiled._update, (log_w, objective, log_q_stop_z, None))):  # fmt: skip
+        explained = torch._dynamo.explain(fn)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained

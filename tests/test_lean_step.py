@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.op_count import PlainStep, _split, count, ours, tiny_net
-from dreg.estimators import estimator_classes, routed_loss, surrogate_losses
+from dreg.estimators import Particles, estimator_classes, routed_loss, surrogate_losses
 from dreg.step import Replicas
 
 LEAN = sorted(name for name, cls in estimator_classes().items() if not cls.uses_score)
@@ -41,14 +41,11 @@ def test_the_routed_gradient_without_score_graph_is_the_reference_gradient(name)
     estimator = estimator_classes()[name]()
     z, log_q_stopped, none = net.propose(x, None, eps, False)
     assert none is None
-    from dreg.estimators import Particles
-
     z_for_p = z.view_as(z)
     lean = Particles(net.log_joint(x, z_for_p), log_q_stopped, None, z_for_p)
     routed_loss(lean, estimator(lean.log_w)).backward()
     got = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    full = Particles(*net.propose(x, None, eps)[1:], None)  # placeholder, rebuilt below
     z, log_q_stopped, log_q_stop_z = net.propose(x, None, eps)
     full = Particles(net.log_joint(x, z), log_q_stopped, log_q_stop_z, z)
     model_loss, inference_loss = surrogate_losses(full, estimator(full.log_w))

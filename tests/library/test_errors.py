@@ -131,6 +131,11 @@ def test_estimator_errors():
         "estimator 'jvi' needs num_samples >= 2, got 1",
         lambda: monte_carlo_objective(gaussian(), log_joint, 1, "jvi"),
     )
+    one_line_error(  # K = 12 in M = 8 groups: refused before any model pass
+        ValueError,
+        "estimator 'miwae' splits .* estimator.groups=8 .* model.num_samples=12 is not",
+        lambda: monte_carlo_objective(gaussian(), log_joint, 12, "miwae"),
+    )
     one_line_error(
         ValueError,
         "'dreg_cv' learns its own parameters.*optimizer",
