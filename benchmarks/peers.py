@@ -293,6 +293,9 @@ def main() -> None:
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # Every repetition compiles new Replicas: the same code objects, new guards. Dynamo's
+    # default limit of recompilations per code object (8) would drop later ones to eager.
+    torch._dynamo.config.cache_size_limit = 64
     data = grey_levels(4096)
     rows = {}
     for model in args.models:
