@@ -8,7 +8,6 @@ them. ``DREG_TRACEBACK=1`` (or Hydra's ``HYDRA_FULL_ERROR=1``) shows the full tr
 
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -41,9 +40,9 @@ def main(cfg: DictConfig) -> float | None:
     except RunError as err:
         if multirun and isinstance(err, PreemptedError):
             # Stop the whole sweep (the machine is going away); resume=true continues it.
-            from dreg.sweep import write_summary
+            from dreg.sweep import sweep_dir_of, write_summary
 
-            write_summary(Path(HydraConfig.get().sweep.dir))
+            write_summary(sweep_dir_of(HydraConfig.get()))
             raise SystemExit(err.exit_code) from None
         if multirun or os.environ.get("DREG_TRACEBACK"):
             raise  # multirun: recorded as this job's failure; the sweep goes on

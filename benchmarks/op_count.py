@@ -254,10 +254,10 @@ def measure(estimators: list[str], repeats: int, steps: int, setting: dict = TIN
         times: dict[str, list[float]] = {"ours": [], "plain": []}
         for _ in range(repeats):  # interleaved blocks
             for key, fn in (("ours", our_step), ("plain", plain_step)):
-                start = time.perf_counter()
+                start = time.process_time()  # CPU time: other load hardly changes it
                 for _ in range(steps):
                     fn()
-                times[key].append((time.perf_counter() - start) / steps)
+                times[key].append((time.process_time() - start) / steps)
         row["ms"] = {k: 1000 * statistics.median(v) for k, v in times.items()}
         rows[name] = row
         print(name, row["ours"]["profiler"], row["plain"]["profiler"],
@@ -275,7 +275,8 @@ def markdown(results: dict) -> str:
         "ours = `Replicas.step` alone; plain = the step written by hand in "
         "`benchmarks/op_count.py` (same gradient, checked to 1e-5). Operators: every "
         "`aten::` event of `torch.profiler` (nested included) and top-level dispatches "
-        f"(`TorchDispatchMode`); time: medians of {ctx['repeats']} interleaved blocks of "
+        f"(`TorchDispatchMode`); time: CPU time per step, medians of {ctx['repeats']} "
+        "interleaved blocks of "
         f"{ctx['steps']} steps.",
         "",
         "| estimator | ours ops | plain ops | ours / plain | ours dispatches | plain dispatches "

@@ -77,7 +77,7 @@ def _compile_step(enabled: bool):
         cohort._build_cohort = build_cohort
 
 
-def cli_steps_per_s(setting: dict, compiled: bool, out: Path) -> float:
+def cli_steps_per_s(setting: dict, compiled: bool, out: Path) -> tuple[float, float]:
     hidden = ",".join(map(str, setting["hidden"]))
     overrides = [
         "estimator=dreg_iwae",
@@ -98,11 +98,27 @@ def cli_steps_per_s(setting: dict, compiled: bool, out: Path) -> float:
     pl.seed_everything(0, verbose=False)
     datamodule, module = build(cfg)
     trainer = build_trainer(cfg, out)
-    timer = StepTimer(setting["warmup"])
+    timer = CpuStepTimer(setting["warmup"])
     trainer.callbacks.append(timer)
     with _compile_step(compiled):
         trainer.fit(module, datamodule=datamodule)
-    return timer.steps / (timer.end - timer.start)
+    return timer.steps / (timer.end - timer.start), timer.steps / (timer.cpu_end - timer.cpu_start)
+
+
+class CpuStepTimer(StepTimer):
+    """:class:`StepTimer` that also reads this process's CPU time (which other load on a
+    shared machine hardly changes, unlike the wall clock)."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        started = self.start is not None
+        super().on_train_batch_start(trainer, module, batch, batch_idx)
+        if not started and self.start is not None:
+            self.cpu_start = time.process_time()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        if self.start is not None:
+            self.cpu_end = time.process_time()
 
 
 class HookedPlainStep(PlainStep):
@@ -146,7 +162,7 @@ def _mlp(layers, h: Tensor) -> Tensor:
     return h
 
 
-def plain_steps_per_s(setting: dict, compiled: bool, data: Tensor) -> float:
+def plain_steps_per_s(setting: dict, compiled: bool, data: Tensor) -> tuple[float, float]:
     torch.manual_seed(0)
     net = VAE(784, latent_dim=setting["latent"], hidden_dims=setting["hidden"],
               train_mean=data.mean(0))  # fmt: skip
@@ -155,13 +171,14 @@ def plain_steps_per_s(setting: dict, compiled: bool, data: Tensor) -> float:
     rows = torch.randint(0, data.shape[0], (setting["warmup"] + setting["steps"], 32))
     for i in range(setting["warmup"]):
         step.step(data[rows[i]], generator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(setting["warmup"], setting["warmup"] + setting["steps"]):
         step.step(data[rows[i]], generator)
-    return setting["steps"] / (time.perf_counter() - start)
+    n = setting["steps"]
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
-def jax_steps_per_s(setting: dict, data: Tensor) -> float | None:
+def jax_steps_per_s(setting: dict, data: Tensor) -> tuple[float, float] | None:
     try:
         import jax
         import jax.numpy as jnp
@@ -226,17 +243,19 @@ def jax_steps_per_s(setting: dict, data: Tensor) -> float | None:
     for i in range(setting["warmup"]):
         params, state, key = step(params, state, key, images[rows[i]])
     jax.block_until_ready(params)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(setting["warmup"], setting["warmup"] + setting["steps"]):
         params, state, key = step(params, state, key, images[rows[i]])
     jax.block_until_ready(params)
-    return setting["steps"] / (time.perf_counter() - start)
+    n = setting["steps"]
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
 CONTENDERS = ["cli eager", "cli compile=step", "plain eager", "plain compiled", "jax jit"]
 
 
-def measure(name: str, setting: dict, data: Tensor) -> float | None:
+def measure(name: str, setting: dict, data: Tensor) -> tuple[float, float] | None:
+    """``(steps/s by the wall clock, steps/s by this process's CPU time)``, or ``None``."""
     if name.startswith("cli"):
         with tempfile.TemporaryDirectory() as out:
             return cli_steps_per_s(setting, name.endswith("step"), Path(out))
@@ -251,14 +270,17 @@ def markdown(results: dict) -> str:
         f"{ctx['when']}, {ctx['device_name']}, torch {ctx['torch']}"
         + (f", jax {results['jax']}" if results.get("jax") else ", jax not installed")
         + f"; one thread; steps/s, medians of {ctx['repeats']} interleaved repetitions "
-        "(`python -m benchmarks.peers`; DReG-IWAE, batch 32, Adam).",
+        "(`python -m benchmarks.peers`; DReG-IWAE, batch 32, Adam). By CPU time (this "
+        "process's, which other load on a shared machine hardly changes) and by the wall "
+        "clock.",
         "",
-        "| model | " + " | ".join(CONTENDERS) + " | cli eager / plain eager | "
+        "| model, clock | " + " | ".join(CONTENDERS) + " | cli eager / plain eager | "
         "cli compile=step / jax jit |",
         "|---|" + "---|" * (len(CONTENDERS) + 2),
     ]
-    for model, row in results["rows"].items():
-        med = row["median"]
+    for (model, row), clock in [(item, c) for c in ("cpu", "wall")
+                                for item in results["rows"].items()]:  # fmt: skip
+        med = row["median"][clock]
 
         def cell(name, med=med):
             return "-" if med.get(name) is None else f"{med[name]:.1f}"
@@ -269,7 +291,7 @@ def markdown(results: dict) -> str:
             return f"**{med[a] / med[b]:.2f}**"
 
         lines.append(
-            f"| {model} | " + " | ".join(cell(n) for n in CONTENDERS)
+            f"| {model}, {clock} | " + " | ".join(cell(n) for n in CONTENDERS)
             + f" | {ratio('cli eager', 'plain eager')} | {ratio('cli compile=step', 'jax jit')} |"
         )  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -300,17 +322,21 @@ def main() -> None:
     rows = {}
     for model in args.models:
         setting = SETTINGS[model]
-        rates: dict[str, list[float]] = {name: [] for name in args.contenders}
+        rates: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
         for repeat in range(args.repeats):
             for name in args.contenders:
                 rate = measure(name, setting, data)
                 if rate is not None:
-                    rates[name].append(rate)
+                    rates["wall"].setdefault(name, []).append(rate[0])
+                    rates["cpu"].setdefault(name, []).append(rate[1])
                 print(f"{model} {repeat} {name}: {rate}", flush=True)
         rows[model] = {
             "setting": setting,
             "rates": rates,
-            "median": {n: statistics.median(r) if r else None for n, r in rates.items()},
+            "median": {
+                clock: {n: statistics.median(r) for n, r in by.items()}
+                for clock, by in rates.items()
+            },  # fmt: skip
         }
     try:
         import jax

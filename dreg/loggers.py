@@ -37,6 +37,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from dreg.checkpointing import load_checkpoint
 from dreg.errors import ConfigError
 from dreg.files import atomic_write
+from dreg.sweep import sweep_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ def hydra_job() -> tuple[dict[str, str], str | None]:
         for group, option in hydra.runtime.choices.items()
         if option is not None and str(group).partition("/")[0] != "hydra"
     }
-    sweep = Path(str(hydra.sweep.dir)).name if hydra.mode == RunMode.MULTIRUN else None
+    sweep = sweep_dir_of(hydra).name if hydra.mode == RunMode.MULTIRUN else None
     return choices, sweep
 
 

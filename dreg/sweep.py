@@ -28,28 +28,60 @@ OVERRIDE_START = re.compile(r",(?=[+~]*[A-Za-z_][\w.@/-]*=)")  # a comma that st
 JOB_FOLDER_LENGTH = 60
 
 
-def job_folder(num: int, override_dirname: str) -> str:
+def job_folder(num: int, override_dirname: str, sweep_dir: str | None = None) -> str:
     """A multirun job's folder: its number, then its overrides in short, e.g.
     ``3_estimator-dreg_iwae_seed-1`` for ``estimator=dreg_iwae,seed=1``.
 
     Hydra's own ``override_dirname`` has ``=`` and ``,`` (a path into it must be quoted to
     be an override: ``ckpt_path=<job>/checkpoints/last.ckpt``) and grows past file-name
     limits. Here each key keeps its last part, every other character than ``[A-Za-z0-9._-]``
-    becomes ``_`` and the name stops at 60 characters. The number makes it unique and the
-    same for the same command (``resume=true`` is not in ``override_dirname``); the full
-    overrides are in ``<job>/.hydra/overrides.yaml``.
+    becomes ``_`` and the name stops at 60 characters. The keys the sweep varies (read from
+    ``<sweep_dir>/multirun.yaml``, which Hydra writes before any job) come first, so the cut
+    never hides what tells the jobs apart. The number makes it unique and the same for the
+    same command (``resume=true`` is not in ``override_dirname``); the full overrides are in
+    ``<job>/.hydra/overrides.yaml``.
     """
     items = []
     for override in OVERRIDE_START.split(override_dirname) if override_dirname else []:
         key, _, value = override.partition("=")
-        key, value = (JOB_FOLDER_CHARS.sub("_", k).strip("_") for k in (key.split(".")[-1], value))
-        items.append(f"{key}-{value}")
-    return "_".join([str(num), *items])[:JOB_FOLDER_LENGTH].rstrip("._-")
+        items.append((key, value))
+    swept = swept_keys(Path(sweep_dir)) if sweep_dir else set()
+    items.sort(key=lambda item: item[0].lstrip("+~") not in swept)  # stable: swept first
+    short = [
+        "-".join(JOB_FOLDER_CHARS.sub("_", part).strip("_") for part in (k.split(".")[-1], v))
+        for k, v in items
+    ]
+    return "_".join([str(num), *short])[:JOB_FOLDER_LENGTH].rstrip("._-")
+
+
+def swept_keys(sweep_dir: Path) -> set[str]:
+    """The keys a sweep varies (``a=1,2``, ``range(...)``, ``choice(...)``), from the
+    command's overrides in ``<sweep_dir>/multirun.yaml``; none when it is not there (yet)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+        overrides = OverridesParser.create().parse_overrides(list(task))
+    except Exception:  # no such file, or not a Hydra multirun record: the plain order
+        return set()
+    return {o.key_or_group for o in overrides if o.is_sweep_override()}
 
 
 # conf/hydra/default.yaml names job folders with it; Hydra's callbacks import this module in
 # every process that starts a job (the launcher's workers unpickle this callback).
 OmegaConf.register_new_resolver("dreg.job_folder", job_folder, replace=True)
+
+def sweep_dir_of(hydra_cfg: Any) -> Path:
+    """The sweep folder of a multirun job, from its own folder (``hydra.runtime.output_dir``,
+    set once when the job starts). Not ``hydra.sweep.dir``: its default holds ``${now:...}``,
+    which a job's copy of the config resolves again, later, to another folder."""
+    job_dir = Path(str(hydra_cfg.runtime.output_dir))
+    try:
+        depth = len(Path(str(hydra_cfg.sweep.subdir)).parts)
+    except Exception:  # an interpolation this copy cannot resolve: our folders are flat
+        depth = 1
+    return job_dir.parents[max(depth, 1) - 1]
+
 
 SUMMARY_METRICS = (
     "test/log_likelihood",
@@ -135,4 +167,4 @@ class SweepSummary(Callback):
         if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
             return
         # Each job records its own status.json (dreg.run.main), failures included.
-        write_summary(Path(hydra_cfg.sweep.dir))
+        write_summary(sweep_dir_of(hydra_cfg))

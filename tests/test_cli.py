@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 
-from dreg.sweep import job_folder
 from tests.conftest import NO_PROGRESS_BAR, TINY_RUN, cli, requires_mnist
 
 pytestmark = [requires_mnist, pytest.mark.slow]
@@ -22,24 +21,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_multirun_writes_one_directory_per_job_named_by_number_and_values(tmp_path):
-    # debug=fast instead of TINY_RUN: every override names the directory, so keep them few.
-    run_cli(
-        "-m",
-        "debug=fast",
-        *NO_PROGRESS_BAR,
-        "estimator=iwae",
-        "seed=0,1",
-        "trainer.max_steps=2",
-        f"hydra.sweep.dir={tmp_path}",
-    )
-    quiet = ",".join(NO_PROGRESS_BAR)  # sorts before debug=fast in Hydra's override_dirname
-    for seed in (0, 1):  # the job number, then its overrides in short (dreg.sweep.job_folder)
-        overrides = f"{quiet},debug=fast,estimator=iwae,seed={seed},trainer.max_steps=2"
-        job = tmp_path / job_folder(seed, overrides)
-        assert job.name.startswith(f"{seed}_refresh_rate-0_debug-fast_estimator-iwae_seed-{seed}")
-        metrics = json.loads((job / "metrics.json").read_text())
+    """The default sweep folder (``outputs/multirun/<time>``), as a user gets it: one folder
+    holding every job and the sweep's summary.csv (its ``${now:...}`` used to be resolved
+    again when each job ended, scattering summaries into later timestamps), and job folders
+    named by their number, then the swept values first (dreg.sweep.job_folder)."""
+    result = cli("-m", "debug=fast", *NO_PROGRESS_BAR, "estimator=iwae", "seed=0,1",
+                 "trainer.max_steps=2", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    for seed, job in enumerate(jobs):  # at most 60 characters, the swept seed first
+        assert job.startswith(f"{seed}_seed-{seed}_refresh_rate-0_debug-fast_estimator-iwae")
+        assert len(job) <= 60
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in summary[1:]] == [[job, "completed"] for job in jobs]
+    for job in jobs:
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["global_step"] == 2
-        assert (job / ".hydra" / "config.yaml").exists()
+        assert (sweep / job / ".hydra" / "config.yaml").exists()
 
 
 def test_wandb_logger_runs_offline_without_credentials_or_prompt(tmp_path):
