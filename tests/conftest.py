@@ -98,16 +98,25 @@ def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Com
     )
 
 
-def start_cli(*args: str) -> subprocess.Popen:
-    """``python train.py *args`` in the background (stderr kept for the assertions)."""
+def start_cli(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
+    """``python train.py *args`` in the background, from ``cwd`` (stderr kept for the
+    assertions)."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         stdin=subprocess.DEVNULL,
     )
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The last stderr line, which must be the whole message: ``error: ...``, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[-1]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -28,7 +28,9 @@ from tests.conftest import (
     TINY_RUN,
     assert_same_checkpoint_state,
     cli,
+    error_line,
     requires_mnist,
+    start_cli,
     wait_for,
 )
 from tests.test_wandb_dashboard import records  # reads an offline run's .wandb file
@@ -39,18 +41,6 @@ TINY = [*TINY_RUN, "model.net.hidden_dims=[8]", "model.net.latent_dim=2", "model
 LONG = [*TINY, "trainer.max_steps=60", "trainer.val_check_interval=10"]
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    """``python train.py *args`` in the background, from ``cwd``."""
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 def preempt(proc: subprocess.Popen, when: Path) -> str:
     """SIGTERM ``proc`` once ``when`` exists; its last stderr line (the one-line error)."""
     wait_for(when, proc)
@@ -58,13 +48,6 @@ def preempt(proc: subprocess.Popen, when: Path) -> str:
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
     return stderr.strip().splitlines()[-1]
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    return lines[-1]
 
 
 def read_json(path: Path) -> dict:
@@ -93,12 +76,12 @@ def test_a_preempted_run_continues_with_the_same_command_or_its_printed_hint(tmp
     work.mkdir()
 
     # Preempted once, continued with the same command and resume=true (no run folder given).
-    proc = start(*LONG, cwd=work)
+    proc = start_cli(*LONG, cwd=work)
     run_dir = wait_for_run_folder(work, proc)
     first = preempt(proc, run_dir / "checkpoints" / "best-step10.ckpt")
     assert first.startswith("error: preempted at step") and "resume=true" in first
     next_validation = (read_json(run_dir / "status.json")["global_step"] // 10 + 1) * 10
-    proc = start(*LONG, "resume=true", cwd=work)
+    proc = start_cli(*LONG, "resume=true", cwd=work)
     second = preempt(proc, run_dir / "images" / f"samples-step{next_validation:06d}.png")
     assert run_folders(work) == [run_dir]  # continued in its own folder, no new one
     assert "continuing the interrupted run" in (run_dir / "train.log").read_text()

@@ -20,20 +20,12 @@ import torch
 
 from dreg.checkpointing import load_checkpoint
 from dreg.errors import EXIT_PREEMPTED
-from tests.conftest import ROOT, TINY_RUN, cli, requires_mnist, start_cli, wait_for
+from tests.conftest import ROOT, TINY_RUN, cli, error_line, requires_mnist, start_cli, wait_for
 
 pytestmark = [requires_mnist, pytest.mark.slow]
 
 SMALL = ["model.net.hidden_dims=[16]", "model.net.latent_dim=4", "model.num_samples=4"]
 RUN = [*TINY_RUN, *SMALL]
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The last stderr line, which must be the whole message."""
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    return lines[-1]
 
 
 def status(run_dir: Path) -> dict:
