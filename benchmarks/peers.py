@@ -77,7 +77,11 @@ def _compile_step(enabled: bool):
         cohort._build_cohort = build_cohort
 
 
-def cli_steps_per_s(setting: dict, compiled: bool, out: Path) -> tuple[float, float]:
+def cli_steps_per_s(
+    setting: dict, compiled: bool, out: Path, extra: tuple[str, ...] = ()
+) -> tuple[float, float]:
+    """``(steps/s by the wall clock, by CPU time)`` of ``train.py``'s path; ``extra``: more
+    overrides (e.g. ``model.steps_per_call=16``)."""
     hidden = ",".join(map(str, setting["hidden"]))
     overrides = [
         "estimator=dreg_iwae",
@@ -88,6 +92,7 @@ def cli_steps_per_s(setting: dict, compiled: bool, out: Path) -> tuple[float, fl
         f"trainer.max_steps={setting['warmup'] + setting['steps']}",
         "trainer.limit_val_batches=0",
         "trainer.accelerator=cpu",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

@@ -17,6 +17,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import open_dict
 from wandb.proto import wandb_internal_pb2
 
 from dreg import loggers
@@ -104,6 +105,9 @@ def current_job():
             cfg = GlobalHydra.instance().hydra.compose_config(
                 "train", list(overrides), run_mode=mode, from_shell=False
             )
+        if multirun:  # what Hydra's run_job sets: the job's folder in its sweep
+            with open_dict(cfg):
+                cfg.hydra.runtime.output_dir = str(Path(cfg.hydra.sweep.dir).absolute() / "0")
         HydraConfig.instance().set_config(cfg)
 
     yield make
