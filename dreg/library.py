@@ -74,7 +74,7 @@ from torch.distributions import (
 from torch.func import functional_call
 
 from dreg.estimators import Estimator, GradientWeights, estimator_by_name
-from dreg.estimators.surrogates import Particles, routed_loss
+from dreg.estimators.surrogates import Particles, leaves_reached, routed_loss, tensor_shapes
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -607,33 +607,6 @@ class _LayerNoise:
             )
 
 
-def _leaves_reached(root: Tensor, stop_at: Sequence[Tensor]) -> list[Tensor]:
-    """Tensors that require grad which ``root`` depends on other than through ``stop_at``.
-
-    A walk of ``root``'s autograd graph that does not enter the nodes producing ``stop_at``,
-    collecting the leaves it meets (``AccumulateGrad`` nodes: parameters, leaf inputs).
-    """
-    if root.grad_fn is None:
-        return [root] if root.requires_grad else []
-    stops = {t.grad_fn for t in stop_at if t.grad_fn is not None}
-    todo, seen, leaves = [root.grad_fn], set(), []
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen or node in stops:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.append(variable)
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
-
-
-def _shapes(tensors: Sequence[Tensor], limit: int = 4) -> str:
-    listed = ", ".join(str(list(t.shape)) for t in tensors[:limit])
-    return listed + (", ..." if len(tensors) > limit else "")
-
-
 def make_hierarchical_particles(
     proposal: HierarchicalProposal | Sequence[Layer],
     log_joint: LogJoint,
@@ -674,10 +647,11 @@ def make_hierarchical_particles(
             stopped, score = _path_and_score_log_q(q, rule, z)
         else:
             stopped = _log_prob(proposal.stopped(index, z_prev), z)  # phi stopped, z_prev live
-            if unstopped := _leaves_reached(stopped, [z_prev, z]):
+            if unstopped := leaves_reached(stopped, [z_prev, z]):
                 raise ValueError(
                     f"layer {index + 1} of the hierarchical proposal still depends on "
-                    f"{len(unstopped)} tensor(s) that require grad ({_shapes(unstopped)}) with "
+                    f"{len(unstopped)} tensor(s) that require grad "
+                    f"({tensor_shapes(unstopped)}) with "
                     f"its parameters stopped: pass module=<the nn.Module owning every parameter "
                     f"the layers use>, and compute the layer from them inside the call"
                 )
@@ -739,19 +713,6 @@ def _resolve_estimator(estimator: str | Estimator) -> Estimator:
     return resolved
 
 
-def _check_model_frozen(particles: Particles) -> None:
-    """With ``train_model=False`` the model coefficients are replaced by ones, so a parameter
-    of log p that still requires grad would get sum_k d/dtheta log p(x, z_k): no estimator's
-    gradient, silently. Refuse it: log p may reach tensors requiring grad only through z."""
-    if reached := _leaves_reached(particles.log_p, [particles.z_for_p]):
-        raise ValueError(
-            f"train_model=False, but log_joint depends on {len(reached)} tensor(s) that require "
-            f"grad other than through z ({_shapes(reached)}): they would get sum_k d/dtheta "
-            f"log p, no estimator's gradient; freeze them with requires_grad_(False), or pass "
-            f"train_model=True"
-        )
-
-
 def monte_carlo_objective(
     proposal: Distribution | HierarchicalProposal | Sequence[Layer],
     log_joint: LogJoint,
@@ -796,8 +757,6 @@ def monte_carlo_objective(
         particles = make_hierarchical_particles(proposal, log_joint, num_samples, noise)
     else:
         particles = make_particles(proposal, log_joint, num_samples, noise)
-    if not train_model:
-        _check_model_frozen(particles)
     weights = estimator(particles.log_w)
     loss = routed_loss(particles, weights, train_model=train_model)
     return ObjectiveResult(loss, weights.objective, particles, weights)

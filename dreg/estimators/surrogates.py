@@ -20,6 +20,7 @@ them as the reference that the routed gradients must equal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +104,7 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
         floor = torch.finfo(weights.model.dtype).tiny ** 0.5
         model = torch.where(weights.model.abs() < floor, floor, weights.model)
     else:
+        check_model_frozen(particles)  # the ones would silently train a live decoder
         model = torch.ones_like(path)
     if particles.z_for_p.requires_grad:
         if particles.routed:
@@ -125,3 +127,44 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
     if weights.aux_loss is not None:
         loss = loss + weights.aux_loss
     return loss
+
+
+def leaves_reached(root: Tensor, stop_at: Sequence[Tensor]) -> list[Tensor]:
+    """Tensors that require grad which ``root`` depends on other than through ``stop_at``.
+
+    A walk of ``root``'s autograd graph that does not enter the nodes producing ``stop_at``,
+    collecting the leaves it meets (``AccumulateGrad`` nodes: parameters, leaf inputs).
+    """
+    if root.grad_fn is None:
+        return [root] if root.requires_grad else []
+    stops = {t.grad_fn for t in stop_at if t.grad_fn is not None}
+    todo, seen, leaves = [root.grad_fn], set(), []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def tensor_shapes(tensors: Sequence[Tensor], limit: int = 4) -> str:
+    """``[3, 4], [4], ...``: the shapes of the first ``limit`` tensors, for messages."""
+    listed = ", ".join(str(list(t.shape)) for t in tensors[:limit])
+    return listed + (", ..." if len(tensors) > limit else "")
+
+
+def check_model_frozen(particles: Particles) -> None:
+    """With ``train_model=False`` the model coefficients are replaced by ones, so a parameter
+    of log p that still requires grad would get sum_k d/dtheta log p(x, z_k): no estimator's
+    gradient, silently. Refuse it: log p may reach tensors requiring grad only through z."""
+    if reached := leaves_reached(particles.log_p, [particles.z_for_p]):
+        raise ValueError(
+            f"train_model=False, but log_joint depends on {len(reached)} tensor(s) that require "
+            f"grad other than through z ({tensor_shapes(reached)}): they would get sum_k "
+            "d/dtheta log p, no estimator's gradient; freeze them with requires_grad_(False), "
+            "or pass train_model=True"
+        )

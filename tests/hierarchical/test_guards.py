@@ -97,6 +97,24 @@ def test_train_model_false_with_trainable_model_parameters_is_refused():
     assert result.particles.z_for_p.requires_grad
 
 
+def test_routed_loss_called_directly_refuses_a_trainable_model_under_train_model_false():
+    """The guard lives in routed_loss itself, not only in monte_carlo_objective."""
+    decoder = torch.nn.Linear(D, 3, dtype=torch.float64)
+    x = torch.randn(B, 3, dtype=torch.float64)
+
+    def model_log_joint(z):
+        return log_joint(z) - 0.5 * (x - decoder(z)).square().sum(-1)
+
+    particles = make_particles(gaussian(), model_log_joint, K)
+    weights = DReGIWAE()(particles.log_w)
+    message = one_line_error(
+        ValueError,
+        r"train_model=False, but log_joint depends on 2 tensor\(s\)",
+        lambda: routed_loss(particles, weights, train_model=False),
+    )
+    assert "requires_grad_(False)" in message
+
+
 def test_train_model_false_checks_hierarchical_proposals_too():
     torch.manual_seed(0)
     net = TwoLayerVAE(6, latent_dims=(3, 2), hidden_dims=[[4], [4]]).double()
