@@ -18,6 +18,9 @@ What else is wired here, once for every way to train:
   not shown: its update is undone, so its gradient must not enter the statistics either.
 * **The captured CUDA graph** (``model.cuda_graph=true``): a cohort whose jobs all want it
   replays its whole step as one graph (:mod:`dreg.captured_step`).
+* **The compiled step** (``model.compile=step``): a cohort's step under ``torch.compile``
+  (:meth:`dreg.step.Replicas.compiled`); jobs that compile and jobs that do not are never
+  in one cohort.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class TrainingJob(Job, Protocol):
 
     def wants_captured_step(self) -> bool:
         """Replay the step as one CUDA graph (``model.cuda_graph=true`` on CUDA)."""
+        ...
+
+    def compiles_step(self) -> bool:
+        """Take the step compiled (``model.compile=step``)."""
         ...
 
     def stop_requested(self) -> bool:
@@ -131,6 +138,7 @@ def cohort_key(job: TrainingJob) -> tuple:
         int(state["step"]) if "step" in state else 0,
         tuple(sorted(job.step_settings().items())),
         str(next(job.net.parameters()).device),
+        job.compiles_step(),
     )
 
 
@@ -216,7 +224,12 @@ def _build_cohort(jobs: list[TrainingJob], group) -> Cohort:
         if job.observes_gradients():
             replicas.observers[m] = _observer(replicas, job)
     cohort = Cohort(replicas, backward, jobs[0].split)
-    if all(job.wants_captured_step() for job in jobs):
+    if jobs[0].compiles_step():  # every job of a cohort does (cohort_key)
+        # Every cohort compiles the same code again (its own tensors); past Dynamo's default
+        # of 8 recompiles it would silently fall back to eager.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        replicas.compiled()
+    elif all(job.wants_captured_step() for job in jobs):
         cohort.captured = CapturedStep(replicas, group.data, jobs[0].split, group.rows.shape[1])
     return cohort
 

@@ -61,6 +61,11 @@ def _check_types(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=False)
         _require(isinstance(value, bool), key, value, "true or false")
     _check_compile(cfg.model.get("compile", False))
+    if cfg.model.get("compile") == "step" and cfg.model.get("cuda_graph"):
+        raise ConfigError(
+            "model.compile=step with model.cuda_graph=true: choose one way to take the step; "
+            "model.compile=step alone (or model.cuda_graph=true alone, on CUDA)"
+        )
 
 
 def _check_compile(value: Any) -> None:

@@ -107,7 +107,7 @@ class TwoLayerVAE(CentredData):
         return [*self.encoder_z1.parameters(), *self.encoder_z2.parameters()]
 
     def mlps(self) -> list[nn.Sequential]:
-        """Every network of the model, each compiled on its own by ``model.compile=true``
+        """Every network of the model, each compiled on its own by ``model.compile=mlps``
         (``Module.compile`` works in place: state-dict keys stay those of the eager model).
 
         The Gaussian layers' inner ``Sequential`` networks, not the :class:`GaussianMLP`

@@ -53,9 +53,12 @@ class DReGModule(pl.LightningModule):
     :param eval_chunk_size: samples drawn at once during evaluation (bounds memory).
     :param antithetic: mirror half of the training noise (eps, -eps).
     :param train_model: ``False`` freezes the decoder and prior (inference-network-only runs).
-    :param compile: ``torch.compile`` the encoder and decoder MLPs in place (state-dict keys
-        unchanged, so checkpoints move between compiled and eager runs). Worth it on GPUs, where
-        a step is launch-bound; on CPU the first step pays ~30-60 s of compilation.
+    :param compile: what ``torch.compile`` compiles: ``False`` nothing; ``"mlps"`` the encoder
+        and decoder MLPs in place (state-dict keys unchanged, so checkpoints move between
+        compiled and eager runs); ``"step"`` the whole training step of the run of steps
+        (:meth:`dreg.step.Replicas.compiled`: forward, estimator, routed backward, flags,
+        clipping, optimizer update; alone and a pack's stacked step). On CPU the first step
+        pays ~30-60 s of compilation.
     :param nonfinite: what a non-finite loss or gradient does: ``raise`` (stop, naming the
         step and batch; parameters and checkpoints keep their last good values) or ``skip``
         (undo the update, count it in ``train/skipped_steps``; a skipped update still counts
@@ -85,7 +88,7 @@ class DReGModule(pl.LightningModule):
         eval_chunk_size: int = 500,
         antithetic: bool = False,
         train_model: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         nonfinite: str = "raise",
         steps_per_call: int = 4,
         cuda_graph: bool = False,
@@ -123,7 +126,10 @@ class DReGModule(pl.LightningModule):
         self._captured_wanted = False
         self._cadence: tuple[int, int] | None = None  # (val_check_interval, log_every_n_steps)
         self._saved_triggers: tuple | None = None
-        if compile:
+        if compile not in (False, None, "false", "mlps", "step"):
+            raise ValueError(f"compile={compile!r}: must be False, 'mlps' or 'step'")
+        self.compile_mode = "step" if compile == "step" else None
+        if compile == "mlps":
             # A net lists its own networks (TwoLayerVAE.mlps); the one-layer VAE's are these two.
             mlps = net.mlps() if hasattr(net, "mlps") else (net.encoder, net.decoder)
             for mlp in mlps:
@@ -153,6 +159,9 @@ class DReGModule(pl.LightningModule):
 
     def wants_captured_step(self) -> bool:
         return self._captured_wanted
+
+    def compiles_step(self) -> bool:
+        return self.compile_mode == "step"
 
     def count_step(self) -> None:
         count_optimizer_step(self.trainer)

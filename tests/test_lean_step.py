@@ -16,6 +16,7 @@ from torch import Tensor
 
 from benchmarks.op_count import PlainStep, _split, count, ours, tiny_net
 from dreg.estimators import Particles, estimator_classes, routed_loss, surrogate_losses
+from dreg.estimators.ops import iwae_bound
 from dreg.step import Replicas
 
 LEAN = sorted(name for name, cls in estimator_classes().items() if not cls.uses_score)
@@ -31,6 +32,15 @@ def test_an_estimator_without_score_term_has_zero_score_coefficients(name):
     log_w = torch.randn(8, 5, dtype=torch.float64) * 3
     estimator = estimator_classes()[name]()
     assert torch.equal(estimator(log_w).score, torch.zeros_like(log_w))
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, c in estimator_classes().items() if c.objective_is_iwae_bound)
+)
+def test_an_objective_recorded_as_the_iwae_bound_is_the_iwae_bound(name):
+    log_w = torch.randn(8, 5, dtype=torch.float64) * 3
+    objective = estimator_classes()[name]()(log_w).objective
+    torch.testing.assert_close(objective, iwae_bound(log_w))
 
 
 @pytest.mark.parametrize("name", ["dreg_iwae", "stl", "dreg_rws"])

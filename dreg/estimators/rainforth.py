@@ -130,6 +130,7 @@ class PIWAE(GroupedEstimator):
     """
 
     name = "piwae"
+    objective_is_iwae_bound = True
     family = "piwae"
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
@@ -148,6 +149,7 @@ class DReGMIWAE(GroupedEstimator):
     name = "dreg_miwae"
     family = "miwae"
     needs_independent_samples = True
+    uses_score = False
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return GradientWeights(
@@ -168,6 +170,8 @@ class DReGPIWAE(GroupedEstimator):
     name = "dreg_piwae"
     family = "piwae"
     needs_independent_samples = True
+    uses_score = False
+    objective_is_iwae_bound = True
 
     def weights(self, log_w: Tensor, norm_w: Tensor) -> GradientWeights:
         return GradientWeights(

@@ -104,7 +104,8 @@ def routed_loss(particles: Particles, weights: GradientWeights, train_model: boo
         floor = torch.finfo(weights.model.dtype).tiny ** 0.5
         model = torch.where(weights.model.abs() < floor, floor, weights.model)
     else:
-        check_model_frozen(particles)  # the ones would silently train a live decoder
+        if not torch.compiler.is_compiling():  # a walk of the graph: eager only
+            check_model_frozen(particles)  # the ones would silently train a live decoder
         model = torch.ones_like(path)
     if particles.z_for_p.requires_grad:
         if particles.routed:
