@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dreg.checkpointing import load_checkpoint
-from dreg.errors import EXIT_PREEMPTED
+from dreg.errors import EXIT_PREEMPTED, EXIT_SWEEP_FAILED
 from dreg.estimators import estimator_by_name, estimator_classes, routed_loss
 from dreg.lightning_module import DReGModule
 from dreg.model import VAE
@@ -363,10 +363,15 @@ def test_a_job_that_diverges_fails_alone_and_the_others_finish_as_alone(tmp_path
 
     # model.nonfinite=skip: the diverging job drops its own updates only (as many as it
     # must: the bound on the skipped fraction, which would fail it, is lifted).
+    # Its first update (lr=30) made weights whose test log-likelihood is not finite: that
+    # job fails at evaluation (exit 6) instead of recording NaN; the other one completes.
     skip = tmp_path / "skip"
     result = cli("-m", *args, "model.nonfinite=skip", "model.max_skipped_fraction=1",
                  PACKED, f"hydra.sweep.dir={skip}")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == EXIT_SWEEP_FAILED, result.stderr[-3000:]
+    rows = summary(skip)
+    assert rows["0"]["status"] == "completed"
+    assert json.loads((skip / "1" / "status.json").read_text())["exit_code"] == 6
     with (skip / "1" / "csv" / "metrics.csv").open() as f:
         skipped = [float(r["train/skipped_steps"]) for r in csv.DictReader(f)
                    if r.get("train/skipped_steps")]  # fmt: skip

@@ -349,8 +349,8 @@ def test_a_failing_job_does_not_lose_the_others(tmp_path):
     assert result.returncode == EXIT_SWEEP_FAILED  # after running every job
     with open(tmp_path / "summary.csv") as f:
         rows = {row["job"]: row for row in csv.DictReader(f)}
-    good_job = "0_refresh_rate-0_debug-fast_lr-0.001_max_steps-2"  # number, overrides in short
-    good, bad = rows[good_job], rows["1_refresh_rate-0_debug-fast_lr--1_max_steps-2"]
+    good_job = "0_lr-0.001_refresh_rate-0_debug-fast_max_steps-2"  # number, swept value first
+    good, bad = rows[good_job], rows["1_lr--1_refresh_rate-0_debug-fast_max_steps-2"]
     assert good["status"] == "completed" and float(good["test/log_likelihood"]) < 0
     assert bad["status"] == "failed" and "model.optimizer.lr=-1" in bad["error"]
     assert (tmp_path / good_job / "metrics.json").exists()
