@@ -143,15 +143,16 @@ def test_swept_step_budgets_get_their_own_folders(tmp_path):
     result = cli("-m", *SWEEP, "trainer.max_steps=3,5", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = summary(tmp_path)
-    prefix = "debug-fast_num_samples-4_max_steps-"  # after the job number
-    assert sorted(rows) == [f"0_{prefix}3", f"1_{prefix}5"]
+    # The job number, then the swept value first, then the other overrides in short.
+    names = [f"{i}_max_steps-{n}_debug-fast_num_samples-4" for i, n in ((0, 3), (1, 5))]
+    assert sorted(rows) == names
     assert [int(rows[j]["global_step"]) for j in sorted(rows)] == [3, 5]
     assert not list(tmp_path.glob("*/checkpoints/last-v1.ckpt"))
 
 
 def test_a_sweep_rerun_with_resume_keeps_finished_jobs_and_finishes_the_rest(tmp_path):
     args = ["-m", *SWEEP, "trainer.max_steps=30", "seed=0,1,2", f"hydra.sweep.dir={tmp_path}"]
-    job = {s: f"{s}_debug-fast_num_samples-4_seed-{s}_max_steps-30" for s in range(3)}
+    job = {s: f"{s}_seed-{s}_debug-fast_num_samples-4_max_steps-30" for s in range(3)}
     sweep = start_cli(*args)
     wait_for(tmp_path / job[1] / "checkpoints" / "best-step10.ckpt", sweep)
     sweep.send_signal(signal.SIGTERM)  # job seed=1 is preempted; seed=2 never starts
