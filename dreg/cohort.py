@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from dreg.captured_step import CapturedStep
+from dreg.datamodules.binarized import BatchGroup
 from dreg.step import Job, Replicas, Split
 
 
@@ -102,7 +103,7 @@ class Request:
     """A job's run of steps: its batches, and how far it got."""
 
     job: TrainingJob
-    group: object  # dreg.datamodules.binarized.BatchGroup: rows [N, B], data, first_batch
+    group: BatchGroup  # the call's batches: rows [N, B] of data
     offset: int = 0  # steps of the group already taken
     first_bad: int = -1
     skipped: int = 0
@@ -210,7 +211,7 @@ def _close_run(replicas: Replicas, members: list[Request], taken: int, stopped: 
             )
 
 
-def _build_cohort(jobs: list[TrainingJob], group) -> Cohort:
+def _build_cohort(jobs: list[TrainingJob], group: BatchGroup) -> Cohort:
     """One stacked model for ``jobs``; a cohort of one trains in place, as a run alone."""
     optimizers = [job.training_optimizer() for job in jobs]
     settings = jobs[0].step_settings()

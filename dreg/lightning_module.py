@@ -90,7 +90,7 @@ class DReGModule(pl.LightningModule):
         train_model: bool = True,
         compile: bool | str = False,
         nonfinite: str = "raise",
-        steps_per_call: int = 4,
+        steps_per_call: int = 16,
         cuda_graph: bool = False,
         clip_grad_norm: float | None = None,
         max_skipped_fraction: float = 0.1,

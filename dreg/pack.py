@@ -54,6 +54,7 @@ from pytorch_lightning.trainer.states import RunningStage
 
 from dreg.checkpointing import request_stop, rng_state, set_rng_state
 from dreg.cohort import Cohorts, Request, RunResult, TrainingJob
+from dreg.datamodules.binarized import BatchGroup
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class Pack:
             request_stop(trainer)
 
     # -- the barrier ---------------------------------------------------------------------------
-    def train(self, job: TrainingJob, group: Any) -> RunResult:
+    def train(self, job: TrainingJob, group: BatchGroup) -> RunResult:
         """Take the steps of ``group`` with every other job's: wait until each unfinished job
         has a run of steps to take, then take them together."""
         member: _Member = _local.member
