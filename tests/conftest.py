@@ -44,13 +44,6 @@ TINY_RUN = [
 ]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow layers first: xdist hands out tests in this order, so the long CLI runs start
-    early and the short ones fill in at the end instead of one worker finishing a 40 s run
-    alone (stable: the order within each layer is kept)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def mnist_dir() -> Path | None:
     """DREG_DATA_DIR when it holds the MNIST files, else ``None``."""
     data_dir = os.environ.get("DREG_DATA_DIR")
