@@ -2,6 +2,11 @@
 
 Each test runs ``train.py`` in a subprocess at a tiny size and checks what a user would check:
 exit codes, the one-line message, ``status.json``, ``metrics.json``, folders and summary rows.
+Where a test checks several variants of one refusal, one variant goes through the real command
+line (its one-line ``error: ...`` and exit code) and the others call :func:`dreg.run.main`,
+what ``train.py`` runs, in process: the same error, code and ``status.json`` without another
+few seconds of importing Lightning each. Tests that only read a finished run share one
+(:func:`finished`); those that change it work on a copy.
 """
 
 from __future__ import annotations
@@ -19,8 +24,18 @@ import pytest
 import torch
 
 from dreg.checkpointing import load_checkpoint
-from dreg.errors import EXIT_PREEMPTED
-from tests.conftest import ROOT, TINY_RUN, cli, error_line, requires_mnist, start_cli, wait_for
+from dreg.errors import EXIT_PREEMPTED, RunError
+from dreg.run import main
+from tests.conftest import (
+    ROOT,
+    TINY_RUN,
+    cli,
+    compose_config,
+    error_line,
+    requires_mnist,
+    start_cli,
+    wait_for,
+)
 
 pytestmark = [requires_mnist, pytest.mark.slow]
 
@@ -32,10 +47,38 @@ def status(run_dir: Path) -> dict:
     return json.loads((run_dir / "status.json").read_text())
 
 
+def run_in_process(run_dir: Path, *overrides: str) -> dict:
+    """What ``train.py *RUN *overrides hydra.run.dir=run_dir`` runs, in this process."""
+    return main(compose_config([*RUN, *overrides], run_dir))
+
+
+def refused_in_process(run_dir: Path, *overrides: str) -> RunError:
+    """The expected error :func:`run_in_process` raises; ``train.py`` prints ``error: `` and
+    its message, and exits with its code (as the command-line variants check)."""
+    with pytest.raises(RunError) as raised:
+        run_in_process(run_dir, *overrides)
+    assert "\n" not in str(raised.value), str(raised.value)  # one line
+    return raised.value
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 4-step run through the real command line, for the tests that only read it
+    (the others copy it first)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = cli(*RUN, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def copy_of(run_dir: Path, where: Path) -> Path:
+    shutil.copytree(run_dir, where)
+    return where
+
+
 # -- run-folder guard and lock (item 6) -----------------------------------------------------
-def test_rerun_into_a_used_folder_is_refused_and_changes_nothing(tmp_path):
-    run_dir = tmp_path / "run"
-    assert cli(*RUN, f"hydra.run.dir={run_dir}").returncode == 0
+def test_rerun_into_a_used_folder_is_refused_and_changes_nothing(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path / "run")
     metrics = (run_dir / "metrics.json").read_text()
     config = (run_dir / ".hydra" / "config.yaml").read_text()
 
@@ -53,9 +96,11 @@ def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
                   f"hydra.run.dir={run_dir}")  # fmt: skip
     try:
         wait_for(run_dir / "csv" / "metrics.csv", first)
-        result = cli(*RUN, f"hydra.run.dir={run_dir}", "resume=true")
-        assert result.returncode == 7
-        assert f"in use by a live run (pid {first.pid})" in error_line(result)
+        # The second run in process: the folder's lock is the first process's, held live.
+        # (A refused rerun's exit code 7 on the command line: the test above.)
+        err = refused_in_process(run_dir, "resume=true")
+        assert err.exit_code == 7
+        assert f"in use by a live run (pid {first.pid})" in str(err)
         assert status(run_dir)["status"] == "running"
     finally:
         first.kill()
@@ -65,9 +110,10 @@ def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
 # -- preemption: exit code, status from one step, cumulative time (item 9) ------------------
 def test_preempted_run_records_one_step_and_resume_accumulates_time(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*RUN, "trainer.max_steps=60", "trainer.val_check_interval=10", "logger=csv",
-            "callbacks=estimator_compare", "callbacks.estimator_compare.log_every_n_steps=1",
-            "callbacks.estimator_compare.estimators=[iwae,dreg_iwae]"]  # fmt: skip
+    extra = ["trainer.max_steps=60", "trainer.val_check_interval=10", "logger=csv",
+             "callbacks=estimator_compare", "callbacks.estimator_compare.log_every_n_steps=1",
+             "callbacks.estimator_compare.estimators=[iwae,dreg_iwae]"]  # fmt: skip
+    args = [*RUN, *extra]
     proc = start_cli(*args, f"hydra.run.dir={run_dir}")
     wait_for(run_dir / "checkpoints" / "best-step10.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
@@ -82,8 +128,8 @@ def test_preempted_run_records_one_step_and_resume_accumulates_time(tmp_path):
     compare = [v for k, v in checkpoint["callbacks"].items() if "EstimatorComparison" in k]
     assert compare and compare[0]["iwae"]["steps"] == checkpoint["global_step"]
 
-    result = cli(*args, f"hydra.run.dir={run_dir}", "resume=true")
-    assert result.returncode == 0, result.stderr[-2000:]
+    # The resume in process (the command line's resume of a killed run: tests/test_journeys.py).
+    run_in_process(run_dir, *extra, "resume=true")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 60
     assert metrics["train_seconds"] > preempted["train_seconds"]  # both segments counted
@@ -95,29 +141,33 @@ def test_preempted_run_records_one_step_and_resume_accumulates_time(tmp_path):
 
 
 # -- resume checks (item 5) -----------------------------------------------------------------
-def test_resume_under_another_experiment_is_refused_with_the_differences(tmp_path):
-    run_dir = tmp_path / "run"
-    assert cli(*RUN, f"hydra.run.dir={run_dir}").returncode == 0
-    for override, shown in [
-        ("estimator=dreg_iwae", "estimator._target_: dreg.estimators.IWAE -> "),
+def test_resume_under_another_experiment_is_refused_with_the_differences(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path / "run")
+    resume = ["resume=true", "trainer.max_steps=6"]
+    result = cli(*RUN, "estimator=dreg_iwae", f"hydra.run.dir={run_dir}", *resume)
+    assert result.returncode == 5, result.stderr[-2000:]
+    assert "estimator._target_: dreg.estimators.IWAE -> " in error_line(result)
+    assert status(run_dir)["status"] == "completed"  # the refused attempt changed nothing
+    for override, shown in [  # the other differences, in process
         ("model.num_samples=2", "model.num_samples: 4 -> 2"),
         ("dataset=omniglot", "dataset._target_"),
     ]:
-        result = cli(*RUN, override, f"hydra.run.dir={run_dir}", "resume=true",
-                     "trainer.max_steps=6")  # fmt: skip
-        assert result.returncode == 5, result.stderr[-2000:]
-        assert shown in error_line(result)
-        assert status(run_dir)["status"] == "completed"  # the refused attempt changed nothing
-    allowed = cli(*RUN, "estimator=dreg_iwae", f"hydra.run.dir={run_dir}", "resume=true",
-                  "trainer.max_steps=6", "resume_allow_changes=true")  # fmt: skip
-    assert allowed.returncode == 0, allowed.stderr[-2000:]
+        err = refused_in_process(run_dir, override, *resume)
+        assert err.exit_code == 5
+        assert shown in str(err)
+        assert status(run_dir)["status"] == "completed"
+    run_in_process(run_dir, "estimator=dreg_iwae", *resume, "resume_allow_changes=true")
+    assert status(run_dir)["status"] == "completed"
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 6
 
 
-def test_resume_continues_its_own_checkpoint_not_the_one_it_started_from(tmp_path):
-    origin, run_dir = tmp_path / "origin", tmp_path / "run"
-    assert cli(*RUN, f"hydra.run.dir={origin}").returncode == 0  # 4 steps
+# In process, a warning fails the test; this one is what starting from another run's checkpoint
+# is expected to say (the command line prints it).
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from:UserWarning")
+def test_resume_continues_its_own_checkpoint_not_the_one_it_started_from(finished, tmp_path):
+    origin, run_dir = finished, tmp_path / "run"  # origin: 4 steps
     start_from = f"ckpt_path={origin / 'checkpoints' / 'last.ckpt'}"
-    assert cli(*RUN, start_from, "trainer.max_steps=8", f"hydra.run.dir={run_dir}").returncode == 0
+    run_in_process(run_dir, start_from, "trainer.max_steps=8")  # the run started from it
     # The README's recipe: the same command plus resume=true (and a longer budget).
     result = cli(*RUN, start_from, "trainer.max_steps=10", f"hydra.run.dir={run_dir}",
                  "resume=true")  # fmt: skip
@@ -187,25 +237,30 @@ class _Exploit:
 def test_a_malicious_checkpoint_runs_nothing(tmp_path):
     marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": _Exploit(marker)}, evil)
-    for mode in ("mode=diagnose", "mode=bias_check", "mode=train"):
-        result = cli(*RUN, mode, "estimator=dreg_iwae", f"ckpt_path={evil}",
-                     f"hydra.run.dir={tmp_path / mode.replace('=', '-')}")  # fmt: skip
-        assert result.returncode == 4, result.stderr[-2000:]
-        assert "holds objects that are not allowed in a dreg checkpoint" in error_line(result)
+    refusal = "holds objects that are not allowed in a dreg checkpoint"
+    use = ["estimator=dreg_iwae", f"ckpt_path={evil}"]
+    result = cli(*RUN, "mode=train", *use, f"hydra.run.dir={tmp_path / 'mode-train'}")
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert refusal in error_line(result)
+    assert not marker.exists()
+    for mode in ("mode=diagnose", "mode=bias_check"):  # the other modes' loads, in process
+        err = refused_in_process(tmp_path / mode.replace("=", "-"), mode, *use)
+        assert err.exit_code == 4 and refusal in str(err), mode
         assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    ("overrides", "code", "message"),
-    [
-        (["ckpt_path=train.py"], 4, "is not a checkpoint (not a PyTorch archive: a wrong path?)"),
-        (["ckpt_path=missing.ckpt"], 4, "checkpoint missing.ckpt not found"),
-        (["model.optimizer.lr=1e30", "trainer.max_steps=20"], 6, "non-finite"),
-        (["paths.data_dir=/nonexistent-data", "dataset.download=false"], 3, "not found"),
-    ],
-    ids=["not-a-checkpoint", "missing-checkpoint", "non-finite", "data"],
-)
-def test_expected_errors_are_one_line_with_their_exit_code(tmp_path, overrides, code, message):
+NOT_A_CHECKPOINT = "is not a checkpoint (not a PyTorch archive: a wrong path?)"
+EXPECTED_ERRORS = {
+    "not-a-checkpoint": (["ckpt_path=train.py"], 4, NOT_A_CHECKPOINT),
+    "missing-checkpoint": (["ckpt_path=missing.ckpt"], 4, "checkpoint missing.ckpt not found"),
+    "non-finite": (["model.optimizer.lr=1e30", "trainer.max_steps=20"], 6, "non-finite"),
+    "data": (["paths.data_dir=/nonexistent-data", "dataset.download=false"], 3, "not found"),
+}
+
+
+def test_an_expected_error_on_the_command_line_is_one_line_with_its_exit_code(tmp_path):
+    """train.py's printing of an expected error; every case's error and code: the next test."""
+    overrides, code, message = EXPECTED_ERRORS["not-a-checkpoint"]
     result = cli(*RUN, *overrides, f"hydra.run.dir={tmp_path}")
     assert result.returncode == code, result.stderr[-2000:]
     line = error_line(result)
@@ -213,14 +268,22 @@ def test_expected_errors_are_one_line_with_their_exit_code(tmp_path, overrides, 
     assert status(tmp_path) == {"status": "failed", "error": line[7:], "exit_code": code}
 
 
-def test_wrong_model_shape_in_a_checkpoint_is_one_line(tmp_path):
-    origin = tmp_path / "origin"
-    assert cli(*RUN, f"hydra.run.dir={origin}").returncode == 0
-    result = cli(*RUN, "model.net.hidden_dims=[8]", "train_model=false",
-                 f"ckpt_path={origin / 'checkpoints' / 'last.ckpt'}",
-                 f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
-    assert result.returncode == 4
-    assert "holds a model of another shape" in error_line(result)
+@pytest.mark.parametrize("case", list(EXPECTED_ERRORS))
+def test_expected_errors_are_one_line_with_their_exit_code(tmp_path, monkeypatch, case):
+    overrides, code, message = EXPECTED_ERRORS[case]
+    monkeypatch.chdir(ROOT)  # relative paths as from the command line above
+    err = refused_in_process(tmp_path, *overrides)
+    assert err.exit_code == code
+    line = str(err)
+    assert message in line and "delete" not in line
+    assert status(tmp_path) == {"status": "failed", "error": line, "exit_code": code}
+
+
+def test_wrong_model_shape_in_a_checkpoint_is_one_line(finished, tmp_path):
+    err = refused_in_process(tmp_path / "run", "model.net.hidden_dims=[8]", "train_model=false",
+                             f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
+    assert err.exit_code == 4
+    assert "holds a model of another shape" in str(err)
 
 
 def test_traceback_on_request(tmp_path):
@@ -230,10 +293,11 @@ def test_traceback_on_request(tmp_path):
 
 
 # -- logging from the first run on (items 8, 9) ---------------------------------------------
+# Lightning's warning that a 4-step epoch logs nothing at log_every_n_steps=50: what is tested.
+@pytest.mark.filterwarnings("ignore:The number of training batches")
 def test_short_runs_log_a_training_curve_and_steps_agree_with_checkpoints(tmp_path):
-    result = cli(*RUN, "trainer.max_steps=6", "trainer.log_every_n_steps=50",
-                 "trainer.val_check_interval=3", f"hydra.run.dir={tmp_path}")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_in_process(tmp_path, "trainer.max_steps=6", "trainer.log_every_n_steps=50",
+                   "trainer.val_check_interval=3")  # fmt: skip
     with (tmp_path / "csv" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows if r.get("train/objective")] == [6]
