@@ -174,10 +174,13 @@ def tiny_net(seed: int = 0, setting: dict = TINY) -> VAE:
                train_mean=torch.rand(784) * 0.3)  # fmt: skip
 
 
-def ours(net: VAE, estimator: str, k: int, seed: int = 1, **kwargs) -> Replicas:
-    """dreg's step alone, as ``DReGModule.replicas`` builds it."""
+def ours(
+    net: VAE, estimator: str, k: int, seed: int = 1, fused: bool | None = None, **kwargs
+) -> Replicas:
+    """dreg's step alone, as a run alone builds it; ``fused``: Adam's fused kernel (the
+    config's default; ``None``: PyTorch's default, the plain step's optimizer)."""
     module = DReGModule(net, estimator_by_name(estimator),
-                        functools.partial(torch.optim.Adam, lr=3e-4), num_samples=k,
+                        functools.partial(torch.optim.Adam, lr=3e-4, fused=fused), num_samples=k,
                         compile=False, **kwargs)  # fmt: skip
     optimizer = module.configure_optimizers()
     generator = torch.Generator().manual_seed(seed)

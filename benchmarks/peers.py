@@ -6,12 +6,13 @@ Contenders, DReG-IWAE, batch 32, Adam 3e-4, one thread, interleaved within each 
 * **cli eager**: ``python train.py``'s path (``dreg.build.build`` + the Lightning Trainer from
   the config, default callbacks, CSV logger, ``model.steps_per_call`` default), timed by
   :class:`benchmarks.run.StepTimer` after warm-up steps, as ``benchmarks.steps_per_call``;
-* **cli compile=step**: the same with :meth:`dreg.step.Replicas.compiled` called on the
-  run's replicas when they are built (what ``model.compile=step`` is to call);
+* **cli compile=step**: the same with ``model.compile=step``;
 * **plain eager / plain compiled**: the DReG-IWAE step written by hand
   (:class:`benchmarks.op_count.PlainStep`, the path coefficient as a gradient hook on z), the
   compiled one with ``torch.compile`` of its loss and of a function calling
-  ``optimizer.step()`` (the PyTorch recipe);
+  ``optimizer.step()`` (the PyTorch recipe); **plain eager fused**: the eager one with
+  ``Adam(fused=True)``, the optimizer dreg's config ships (PyTorch's default, single-tensor
+  on the CPU, is what a hand-written loop gets);
 * **jax jit**: the same step in JAX + optax, one ``jax.jit`` of the whole step (binarization,
   noise, both gradients, Adam); needs ``pip install -e '.[bench]'``, skipped when absent.
 
@@ -26,7 +27,6 @@ Needs ``DREG_DATA_DIR`` (MNIST) for the CLI contenders.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import re
 import statistics
@@ -44,7 +44,6 @@ from torch import Tensor
 from benchmarks.op_count import LOG_2PI, PlainStep
 from benchmarks.packed_loop import grey_levels
 from benchmarks.run import ROOT, StepTimer, measurement_context, write_results
-from dreg import cohort
 from dreg.build import build, build_trainer
 from dreg.model import SCALE_OFFSET, VAE
 
@@ -54,27 +53,6 @@ SETTINGS = {
 }
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
-
-
-@contextlib.contextmanager
-def _compile_step(enabled: bool):
-    """``model.compile=step`` as the run of steps will call it: each cohort's
-    :class:`~dreg.step.Replicas` compiled once built (:func:`dreg.cohort._build_cohort`)."""
-    if not enabled:
-        yield
-        return
-    build_cohort = cohort._build_cohort
-
-    def compiled(*args, **kwargs):
-        built = build_cohort(*args, **kwargs)
-        built.replicas.compiled()
-        return built
-
-    cohort._build_cohort = compiled
-    try:
-        yield
-    finally:
-        cohort._build_cohort = build_cohort
 
 
 def cli_steps_per_s(
@@ -92,6 +70,7 @@ def cli_steps_per_s(
         f"trainer.max_steps={setting['warmup'] + setting['steps']}",
         "trainer.limit_val_batches=0",
         "trainer.accelerator=cpu",
+        f"model.compile={'step' if compiled else 'false'}",
         *extra,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -105,8 +84,7 @@ def cli_steps_per_s(
     trainer = build_trainer(cfg, out)
     timer = CpuStepTimer(setting["warmup"])
     trainer.callbacks.append(timer)
-    with _compile_step(compiled):
-        trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule)
     return timer.steps / (timer.end - timer.start), timer.steps / (timer.cpu_end - timer.cpu_start)
 
 
@@ -131,8 +109,10 @@ class HookedPlainStep(PlainStep):
     form ``torch.compile`` traces); ``compiled``: its loss and its ``optimizer.step()``
     compiled."""
 
-    def __init__(self, net: VAE, k: int, compiled: bool) -> None:
+    def __init__(self, net: VAE, k: int, compiled: bool, fused: bool = False) -> None:
         super().__init__(net, "dreg_iwae", k)
+        if fused:
+            self.optimizer = torch.optim.Adam(self.params, lr=3e-4, fused=True)
         self._loss = torch.compile(self.hooked_loss) if compiled else self.hooked_loss
         self._update = torch.compile(self.optimizer.step) if compiled else self.optimizer.step
 
@@ -167,11 +147,13 @@ def _mlp(layers, h: Tensor) -> Tensor:
     return h
 
 
-def plain_steps_per_s(setting: dict, compiled: bool, data: Tensor) -> tuple[float, float]:
+def plain_steps_per_s(
+    setting: dict, compiled: bool, data: Tensor, fused: bool = False
+) -> tuple[float, float]:
     torch.manual_seed(0)
     net = VAE(784, latent_dim=setting["latent"], hidden_dims=setting["hidden"],
               train_mean=data.mean(0))  # fmt: skip
-    step = HookedPlainStep(net, setting["k"], compiled)
+    step = HookedPlainStep(net, setting["k"], compiled, fused)
     generator = torch.Generator().manual_seed(0)
     rows = torch.randint(0, data.shape[0], (setting["warmup"] + setting["steps"], 32))
     for i in range(setting["warmup"]):
@@ -256,7 +238,9 @@ def jax_steps_per_s(setting: dict, data: Tensor) -> tuple[float, float] | None:
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
-CONTENDERS = ["cli eager", "cli compile=step", "plain eager", "plain compiled", "jax jit"]
+CONTENDERS = [
+    "cli eager", "cli compile=step", "plain eager", "plain eager fused", "plain compiled", "jax jit"
+]
 
 
 def measure(name: str, setting: dict, data: Tensor) -> tuple[float, float] | None:
@@ -265,7 +249,7 @@ def measure(name: str, setting: dict, data: Tensor) -> tuple[float, float] | Non
         with tempfile.TemporaryDirectory() as out:
             return cli_steps_per_s(setting, name.endswith("step"), Path(out))
     if name.startswith("plain"):
-        return plain_steps_per_s(setting, name.endswith("compiled"), data)
+        return plain_steps_per_s(setting, name.endswith("compiled"), data, "fused" in name)
     return jax_steps_per_s(setting, data)
 
 
@@ -280,8 +264,8 @@ def markdown(results: dict) -> str:
         "clock.",
         "",
         "| model, clock | " + " | ".join(CONTENDERS) + " | cli eager / plain eager | "
-        "cli compile=step / jax jit |",
-        "|---|" + "---|" * (len(CONTENDERS) + 2),
+        "cli eager / plain eager fused | cli compile=step / jax jit |",
+        "|---|" + "---|" * (len(CONTENDERS) + 3),
     ]
     for (model, row), clock in [(item, c) for c in ("cpu", "wall")
                                 for item in results["rows"].items()]:  # fmt: skip
@@ -297,7 +281,9 @@ def markdown(results: dict) -> str:
 
         lines.append(
             f"| {model}, {clock} | " + " | ".join(cell(n) for n in CONTENDERS)
-            + f" | {ratio('cli eager', 'plain eager')} | {ratio('cli compile=step', 'jax jit')} |"
+            + f" | {ratio('cli eager', 'plain eager')}"
+            + f" | {ratio('cli eager', 'plain eager fused')}"
+            + f" | {ratio('cli compile=step', 'jax jit')} |"
         )  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -7,8 +7,8 @@ one stacked model and optimizer), steps every cohort once per step, counts each 
 stops when a job is asked to stop, and reads the device flags once at the end of the run
 (:meth:`dreg.step.Replicas.faults`). A run alone is a pack of one: one request, one cohort of
 one, whose replica is the module itself (:meth:`dreg.step.Replicas.alone`), stepped with
-Lightning's ``manual_backward``. A pack (:mod:`dreg.pack`) hands it every waiting job's
-request at its barrier.
+Lightning's ``manual_backward`` where DDP or a backward hook needs it. A pack
+(:mod:`dreg.pack`) hands it every waiting job's request at its barrier.
 
 What else is wired here, once for every way to train:
 
@@ -51,8 +51,9 @@ class TrainingJob(Job, Protocol):
         """A row of binarized pixels -> ``(x, context)``."""
         ...
 
-    def manual_backward(self, loss: Tensor) -> None:
-        """The backward of a job trained in place (Lightning's: DDP and precision see it)."""
+    def lone_backward(self) -> Callable[[Tensor], None]:
+        """The backward of the job trained in place: Lightning's ``manual_backward`` where
+        its strategy, precision or hooks need it (DDP), else ``Tensor.backward``."""
         ...
 
     def observes_gradients(self) -> bool:
@@ -217,7 +218,7 @@ def _build_cohort(jobs: list[TrainingJob], group: BatchGroup) -> Cohort:
     settings = jobs[0].step_settings()
     if len(jobs) == 1:
         replicas = Replicas.alone(jobs[0], optimizers[0], jobs[0].noise, **settings)
-        backward = jobs[0].manual_backward
+        backward = jobs[0].lone_backward()
     else:
         replicas = Replicas.stacked(jobs, optimizers, [job.noise for job in jobs], **settings)
         backward = Tensor.backward

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.strategies import SingleDeviceStrategy
 
 from dreg.datamodules.binarized import BinarizedDataModule
 
@@ -49,6 +51,28 @@ def has_gradient_hooks(trainer: pl.Trainer) -> bool:
     return any(
         type(c).on_before_optimizer_step is not Callback.on_before_optimizer_step
         for c in trainer.callbacks
+    )
+
+
+def needs_lightning_backward(trainer: pl.Trainer) -> bool:
+    """Whether a backward must go through Lightning's ``manual_backward``: a strategy that
+    wires into it (DDP's gradient synchronisation), a precision plugin of its own, or a hook
+    on it (``on_before_backward``, ``on_after_backward``, ``backward``) in a callback or the
+    module. Otherwise ``Tensor.backward`` computes the same gradient without the hooks'
+    dispatch (~0.2 ms a step, a tenth of a tiny model's step)."""
+    strategy, module = trainer.strategy, trainer.lightning_module
+    hooked = [(type(c), Callback) for c in trainer.callbacks] + [
+        (type(module), pl.LightningModule)
+    ]
+    return (
+        type(strategy) is not SingleDeviceStrategy
+        or type(strategy.precision_plugin) is not Precision
+        or type(module).backward is not pl.LightningModule.backward
+        or any(
+            getattr(cls, hook) is not getattr(base, hook)
+            for cls, base in hooked
+            for hook in ("on_before_backward", "on_after_backward")
+        )
     )
 
 

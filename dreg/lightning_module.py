@@ -32,6 +32,7 @@ from dreg.grouped_step import (
     fallback_reason,
     group_boundaries,
     has_gradient_hooks,
+    needs_lightning_backward,
     set_step_count,
 )
 from dreg.model import VAE
@@ -152,10 +153,16 @@ class DReGModule(pl.LightningModule):
 
     # -- what the run of steps asks of a job (dreg.cohort.TrainingJob) -----------------------
     def training_optimizer(self) -> torch.optim.Optimizer:
-        return self.optimizers().optimizer
+        optimizer = self.optimizers().optimizer
+        for group in optimizer.param_groups:
+            group.update(self._path_flags())
+        return optimizer
 
     def observes_gradients(self) -> bool:
         return has_gradient_hooks(self.trainer)
+
+    def lone_backward(self) -> Callable[[Tensor], None]:
+        return self.manual_backward if needs_lightning_backward(self.trainer) else Tensor.backward
 
     def wants_captured_step(self) -> bool:
         return self._captured_wanted
@@ -351,7 +358,14 @@ class DReGModule(pl.LightningModule):
 
     def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         """The configured optimizer over ``groups`` (a pack's stacked tensors use it too)."""
+        return self.optimizer_factory(groups, **self._path_flags())
+
+    def _path_flags(self) -> dict:
+        """The optimizer's implementation flags as configured, over a loaded checkpoint's
+        (its param groups carry the flags of the run that wrote it), and what the path needs."""
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        flags = {key: keywords[key] for key in ("fused", "foreach") if key in keywords}
         if self._captured_wanted:
             # Adam's step count and bias correction on the device, so a graph can record it.
-            return self.optimizer_factory(groups, capturable=True)
-        return self.optimizer_factory(groups)
+            flags["capturable"] = True
+        return flags

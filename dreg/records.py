@@ -158,6 +158,8 @@ NO_EFFECT = (
     "model.compile",  # same numbers as eager
     "model.steps_per_call",  # bitwise the same training (dreg.grouped_step)
     "model.cuda_graph",  # the same step, replayed
+    "model.optimizer.fused",  # the same update, to float round-off
+    "model.optimizer.foreach",
 )
 # Keys that change what evaluation reports, or what a fault does, but not the training of a
 # healthy run: a resume may change them; reports keep them apart.

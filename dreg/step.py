@@ -382,8 +382,9 @@ class Replicas:
         """One optimizer step of every replica on grey-level ``images [M, B, D]``.
 
         :param split: a row of binarized pixels -> ``(x, context)``.
-        :param backward: runs the backward of the loss (Lightning's ``manual_backward``
-            alone, so DDP and precision plugins see it; ``Tensor.backward`` stacked).
+        :param backward: runs the backward of the loss (alone: the job's ``lone_backward``,
+            Lightning's ``manual_backward`` where DDP or a hook needs it; stacked:
+            ``Tensor.backward``).
         """
         bits, eps = self.draw(images)
         x, context = split(bits)
@@ -417,12 +418,17 @@ class Replicas:
         graph AOTAutograd compiles) and of everything after the backward: flags, clipping,
         the optimizer's update (masked per replica, fused) and the records. Eager between
         them: the two draws (each replica's own ``torch.Generator``), ``split`` and the
-        ``backward`` callable (Lightning's ``manual_backward`` alone). With observers the
+        ``backward`` callable. With observers the
         part after the backward runs eagerly (they read gradients on the host), and so does
         the first update: the optimizer creates its state lazily, and an update traced
         before that state exists does not undo a skipped step's moments. Same numbers as
         eager up to float32 round-off. ``options`` go to ``torch.compile``."""
         self._lean_proposal()  # decided eagerly: inspect is no graph material
+        for group in self.optimizer.param_groups:
+            # torch does not trace into a fused optimizer (torch.compiler.disable: three graph
+            # breaks); the compiled update fuses the single-tensor loop itself.
+            if group.get("fused"):
+                group["fused"] = False
         self._compiled = (
             torch.compile(self._loss, **options),
             torch.compile(self._update, **options),

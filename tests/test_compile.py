@@ -74,8 +74,8 @@ def test_the_compiled_step_is_the_eager_step_without_graph_breaks(layout, name):
     from benchmarks.op_count import _split, ours, tiny_net
 
     def build():
-        if layout == "alone":
-            return ours(tiny_net(), name, 4, nonfinite="skip")
+        if layout == "alone":  # with the config's fused Adam (the stacked case: single-tensor)
+            return ours(tiny_net(), name, 4, fused=True, nonfinite="skip")
         replicas = _stacked(name)
         replicas.skip.fill_(True)
         return replicas

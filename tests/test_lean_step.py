@@ -6,18 +6,26 @@
   copy (:meth:`dreg.step.Replicas._all_fine_on_host`): parameters, optimizer state and flags
   are bitwise those of the device path, with good and bad steps.
 * The operator count of a DReG-IWAE step stays within 1.15x a plain hand-written step.
+* A run alone backs up with ``Tensor.backward`` unless DDP or a backward hook needs
+  Lightning's ``manual_backward``; both give the same numbers.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from benchmarks.op_count import PlainStep, _split, count, ours, tiny_net
+from dreg.build import build, build_trainer
 from dreg.estimators import Particles, estimator_classes, routed_loss, surrogate_losses
 from dreg.estimators.ops import iwae_bound
+from dreg.grouped_step import needs_lightning_backward
 from dreg.step import Replicas
+from tests.conftest import TINY_RUN, compose_config, requires_mnist
 
 LEAN = sorted(name for name, cls in estimator_classes().items() if not cls.uses_score)
 
@@ -110,3 +118,42 @@ def test_a_dreg_iwae_step_has_at_most_115_percent_of_a_plain_steps_operators():
     mine = count(lambda: replicas.step(images, _split, Tensor.backward))["profiler"]
     theirs = count(lambda: plain.step(images[0], generator))["profiler"]
     assert mine <= 1.15 * theirs, (mine, theirs)
+
+
+# -- the backward of a run alone ------------------------------------------------------------------
+class BackwardHooks(pl.Callback):
+    """Lightning's backward hooks, which only ``manual_backward`` calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_before_backward(self, trainer, module, loss) -> None:
+        self.calls.append("before")
+
+    def on_after_backward(self, trainer, module) -> None:
+        self.calls.append("after")
+
+
+def _fit(out: Path, *callbacks: pl.Callback) -> tuple[pl.Trainer, list[Tensor]]:
+    cfg = compose_config([*TINY_RUN, "trainer.max_steps=6", "model.steps_per_call=4"], out)
+    pl.seed_everything(cfg.seed, verbose=False)
+    datamodule, module = build(cfg)
+    trainer = build_trainer(cfg, out)
+    trainer.callbacks.extend(callbacks)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, [p.detach().clone() for p in module.parameters()]
+
+
+@requires_mnist
+def test_a_run_alone_backs_up_through_lightning_only_where_a_hook_needs_it(tmp_path):
+    # Tensor.backward by default (Lightning's hook dispatch is a tenth of a tiny step); a
+    # callback with a backward hook gets manual_backward and its every call, same numbers.
+    lean, lean_params = _fit(tmp_path / "lean")
+    assert not needs_lightning_backward(lean)
+    assert all(g["fused"] for g in lean.optimizers[0].param_groups)  # the config's Adam
+    hooks = BackwardHooks()
+    hooked, hooked_params = _fit(tmp_path / "hooked", hooks)
+    assert needs_lightning_backward(hooked)
+    assert hooks.calls == ["before", "after"] * 6
+    for got, want in zip(hooked_params, lean_params, strict=True):
+        assert torch.equal(got, want)
