@@ -151,8 +151,8 @@ class TwoLayerVAE(CentredData):
 
     # -- proposal and joint -------------------------------------------------------------------
     def propose(
-        self, x: Tensor, context: Tensor | None, eps: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, x: Tensor, context: Tensor | None, eps: Tensor, score: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Reparameterized z and the two proposal densities generalized DReG needs.
 
         z1 = mu1(x) + sigma1(x) eps1,  z2 = mu2(z1) + sigma2(z1) eps2 (Bauer & Mnih 2021)::
@@ -161,7 +161,9 @@ class TwoLayerVAE(CentredData):
             log_q_stop_z  = log q(stop z1; phi) + log q(stop z2 | stop z1; phi)
 
         :param eps: ``[K, B, noise_dim]`` standard-normal draws, z1's first.
-        :returns: ``(z [K, B, D1 + D2], log_q_stopped [K, B], log_q_stop_z [K, B])``.
+        :param score: ``False``: the estimators have no score term (DReG, STL), so
+            log q(stop z; phi) and its second pass through q(z2 | z1) are not built (``None``).
+        :returns: ``(z [K, B, D1 + D2], log_q_stopped [K, B], log_q_stop_z [K, B] or None)``.
         """
         eps1, eps2 = self._split_noise(eps, x)
         c = self.centred_context(context)
@@ -174,12 +176,14 @@ class TwoLayerVAE(CentredData):
         # x carries no gradient, so detaching q(z1 | x)'s tensors stops its parameters.
         stopped1 = gaussian_log_prob(z1, mean1.detach(), scale1.detach())
         stopped2 = gaussian_log_prob(z2, *_stopped_call(self.encoder_z2, self._with_context(z1, c)))
+        z = torch.cat([z1, z2], dim=-1)
+        if not score:
+            return z, stopped1 + stopped2, None
         # Score term: z1 and z2 fixed, the parameters live.
         z1_fixed, z2_fixed = z1.detach(), z2.detach()
         score1 = gaussian_log_prob(z1_fixed, mean1, scale1)
         score2 = gaussian_log_prob(z2_fixed, *self.encoder_z2(self._with_context(z1_fixed, c)))
-        log_q_stopped, log_q_stop_z = stopped1 + stopped2, score1 + score2
-        return torch.cat([z1, z2], dim=-1), log_q_stopped, log_q_stop_z
+        return z, stopped1 + stopped2, score1 + score2
 
     def log_joint(self, x: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
         """log p(x, z1, z2[ | c]) for z = cat([z1, z2], -1) ``[K, B, D1 + D2]``: ``[K, B]``."""

@@ -24,6 +24,7 @@ from dreg.build import build, build_trainer
 from dreg.estimators import Particles, estimator_classes, routed_loss, surrogate_losses
 from dreg.estimators.ops import iwae_bound
 from dreg.grouped_step import needs_lightning_backward
+from dreg.hierarchical import TwoLayerVAE
 from dreg.step import Replicas
 from tests.conftest import TINY_RUN, compose_config, requires_mnist
 
@@ -51,11 +52,20 @@ def test_an_objective_recorded_as_the_iwae_bound_is_the_iwae_bound(name):
     torch.testing.assert_close(objective, iwae_bound(log_w))
 
 
-@pytest.mark.parametrize("name", ["dreg_iwae", "stl", "dreg_rws"])
-def test_the_routed_gradient_without_score_graph_is_the_reference_gradient(name):
-    net = tiny_net().double()
+def _two_layer() -> TwoLayerVAE:
+    torch.manual_seed(0)
+    return TwoLayerVAE(784, latent_dims=(3, 2), hidden_dims=((8,), (5,)))
+
+
+@pytest.mark.parametrize(
+    ("name", "make_net"),
+    [("dreg_iwae", tiny_net), ("stl", tiny_net), ("dreg_rws", tiny_net),
+     ("dreg_iwae", _two_layer), ("dreg_rws", _two_layer)],
+)  # fmt: skip
+def test_the_routed_gradient_without_score_graph_is_the_reference_gradient(name, make_net):
+    net = make_net().double()
     x = torch.bernoulli(torch.rand(6, 784, dtype=torch.float64))
-    eps = torch.randn(4, 6, 2, dtype=torch.float64)
+    eps = torch.randn(4, 6, net.noise_dim, dtype=torch.float64)
     estimator = estimator_classes()[name]()
     z, log_q_stopped, none = net.propose(x, None, eps, False)
     assert none is None
