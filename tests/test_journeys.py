@@ -3,7 +3,10 @@ with the command it printed, evaluate a checkpoint, move or copy a run folder, a
 damaged ``last.ckpt``, DDP with W&B offline.
 
 Each test runs ``train.py`` in a subprocess at a tiny size, from a fresh folder, as a new user
-would, and checks what that user would check.
+would, and checks what that user would check. A journey's further runs on a finished run's
+files, whose command-line side (one-line error, exit code, Hydra's folders) another test
+already shows, call :func:`dreg.run.main` (what ``train.py`` runs) in process: the same run
+without another few seconds of importing Lightning.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import pytest
 import torch
 
 from dreg.checkpointing import load_checkpoint
-from dreg.errors import EXIT_PREEMPTED
+from dreg.errors import EXIT_PREEMPTED, NonFiniteError
+from dreg.run import main
 from tests.conftest import (
     ROOT,
     TINY_RUN,
     assert_same_checkpoint_state,
     cli,
+    compose_config,
     error_line,
     requires_mnist,
     start_cli,
@@ -52,6 +57,11 @@ def preempt(proc: subprocess.Popen, when: Path) -> str:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def run_in_process(run_dir: Path, *overrides: str) -> dict:
+    """What ``train.py *TINY *overrides hydra.run.dir=run_dir`` runs, in this process."""
+    return main(compose_config([*TINY, *overrides], run_dir))
 
 
 def run_folders(cwd: Path) -> list[Path]:
@@ -135,20 +145,22 @@ def test_evaluating_non_finite_weights_fails_instead_of_recording_nan(trained, t
     name = next(iter(broken["state_dict"]))
     broken["state_dict"][name] = torch.full_like(broken["state_dict"][name], float("nan"))
     torch.save(broken, tmp_path / "nan.ckpt")
-    result = cli(*TINY, "mode=evaluate", f"ckpt_path={tmp_path / 'nan.ckpt'}",
-                 f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
-    assert result.returncode == 6, result.stderr[-2000:]
-    assert "non-finite" in error_line(result)
+    # In process; evaluate's command line: the test above; an error's line and code: the tests
+    # of a damaged and a full disk below.
+    with pytest.raises(NonFiniteError, match="non-finite") as raised:
+        run_in_process(tmp_path / "eval", "mode=evaluate", f"ckpt_path={tmp_path / 'nan.ckpt'}")
+    assert raised.value.exit_code == 6 and "\n" not in str(raised.value)
     assert read_json(tmp_path / "eval" / "status.json")["exit_code"] == 6
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
+# In process a warning fails the test; this one says the run starts from another run's
+# checkpoint, which is the point (the command line prints it).
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from:UserWarning")
 def test_a_run_started_from_a_moved_runs_checkpoint_tests_its_own_weights(trained, tmp_path):
     # A budget already reached: nothing to train; the test is of the weights it started from,
     # not of the old run's best file, by a path that no longer exists.
-    start_from = f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"
-    result = cli(*TINY, start_from, f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_in_process(tmp_path / "run", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}")
     assert read_json(tmp_path / "run" / "metrics.json")["tested_checkpoint"] == "final weights"
 
 
@@ -156,8 +168,7 @@ def test_a_copied_run_folder_resumes_and_tests_its_own_files(trained, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
     # One step more and no validation after it: the test is of the best checkpoint, the copy's.
-    result = cli(*TINY, "trainer.max_steps=5", "resume=true", f"hydra.run.dir={copy}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_in_process(copy, "trainer.max_steps=5", "resume=true")
     metrics = read_json(copy / "metrics.json")
     assert metrics["global_step"] == 5
     assert (copy / metrics["tested_checkpoint"]).exists()
@@ -179,8 +190,7 @@ def test_a_damaged_last_checkpoint_names_the_way_out_and_the_way_out_works(train
     assert way_out == f"resume=true ckpt_path={best_of(run_dir)}"
     assert read_json(run_dir / "status.json")["status"] == "completed"  # refused: unchanged
 
-    result = cli(*TINY, "trainer.max_steps=6", *shlex.split(way_out), f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_in_process(run_dir, "trainer.max_steps=6", *shlex.split(way_out))  # the way out
     assert read_json(run_dir / "metrics.json")["global_step"] == 6
     assert load_checkpoint(last)["global_step"] == 6  # the damaged file replaced by a good one
 
@@ -225,8 +235,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_fails_with_its_own_code(tmp_p
     for name in files:  # every file under a checkpoint's name is whole
         assert load_checkpoint(run_dir / "checkpoints" / name)["global_step"] == 2, name
 
-    result = cli(*TINY, "resume=true", f"hydra.run.dir={run_dir}")  # room made again
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_in_process(run_dir, "resume=true")  # room made again
     assert read_json(run_dir / "metrics.json")["global_step"] == 4
 
 
