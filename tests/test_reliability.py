@@ -16,7 +16,7 @@ from dreg.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoin
 from dreg.config import ConfigError, validate
 from dreg.errors import EXIT_PREEMPTED, EXIT_SWEEP_FAILED
 from dreg.model import VAE
-from dreg.run import train
+from dreg.run import main, train
 from tests.conftest import (
     NO_PROGRESS_BAR,
     TINY_RUN,
@@ -47,13 +47,21 @@ def final_state(run_dir: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run the killed ones must equal, through the command line as they are: one for
+    both signals."""
+    reference = tmp_path_factory.mktemp("uninterrupted") / "reference"
+    result = cli(*RESUME_RUN, f"hydra.run.dir={reference}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return reference
+
+
 @requires_mnist
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_killed_run_resumes_bitwise_identical(tmp_path, sig):
-    reference = tmp_path / "reference"
-    assert cli(*RESUME_RUN, f"hydra.run.dir={reference}").returncode == 0
-
+def test_killed_run_resumes_bitwise_identical(tmp_path, sig, uninterrupted):
+    reference = uninterrupted
     run_dir = tmp_path / "interrupted"
     proc = start_cli(*RESUME_RUN, f"hydra.run.dir={run_dir}")
     wait_for(run_dir / "checkpoints" / "best-step10.ckpt", proc)
@@ -214,12 +222,15 @@ def test_bad_estimator_setting_fails_validation_with_one_line_and_fix(case, tmp_
     assert fix in message, message
 
 
+REFUSED_BEFORE_TRAINING = ["model.num_samples=0", "model.steps_per_call=0",
+                           "+trainer.gradient_clip_val=1"]  # fmt: skip
+
+
 @pytest.mark.slow  # a real process: importing Lightning alone takes seconds
-@pytest.mark.parametrize(
-    "override", ["model.num_samples=0", "model.steps_per_call=0", "+trainer.gradient_clip_val=1"]
-)
-def test_cli_exits_2_with_the_validation_message_before_writing_anything(tmp_path, override):
+def test_cli_exits_2_with_the_validation_message_before_writing_anything(tmp_path):
     # The same message validate() gives in process, printed as the last line, exit code 2.
+    # (Each override's run, in process: the next test.)
+    override = REFUSED_BEFORE_TRAINING[0]
     message = config_error([override], tmp_path / "in-process")
     run_dir = tmp_path / "run"
     result = cli(override, *NO_PROGRESS_BAR, f"hydra.run.dir={run_dir}")
@@ -228,6 +239,20 @@ def test_cli_exits_2_with_the_validation_message_before_writing_anything(tmp_pat
     # Nothing but Hydra's files, the folder lock and the failure record.
     written = sorted(p.name for p in run_dir.iterdir())
     assert written == [".hydra", ".lock", "status.json", "train.log"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status == {"status": "failed", "error": message, "exit_code": 2}
+
+
+@pytest.mark.parametrize("override", REFUSED_BEFORE_TRAINING)
+def test_a_run_exits_2_with_the_validation_message_before_writing_anything(tmp_path, override):
+    # What train.py runs, in process: validate()'s error, code 2, and only the folder lock
+    # and the failure record written (Hydra's own files: the command line above).
+    message = config_error([override], tmp_path / "in-process")
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError) as raised:
+        main(compose_config([override, *NO_PROGRESS_BAR], run_dir))
+    assert str(raised.value) == message and raised.value.exit_code == 2
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "status.json"]
     status = json.loads((run_dir / "status.json").read_text())
     assert status == {"status": "failed", "error": message, "exit_code": 2}
 
