@@ -14,7 +14,9 @@ import pytest
 
 from dreg.checkpointing import load_checkpoint
 from dreg.loggers import MetricsCSV, logged_before, wandb_run_id
-from tests.conftest import ROOT, TINY_RUN, requires_mnist
+from dreg.report import write_report
+from dreg.run import main
+from tests.conftest import ROOT, TINY_RUN, compose_config, requires_mnist
 from tests.conftest import cli as run_train
 
 CLI = [sys.executable, "train.py"]
@@ -182,11 +184,16 @@ def test_sigkill_and_resume_logs_each_step_once_as_an_uninterrupted_run(tmp_path
 @requires_mnist
 @pytest.mark.slow
 def test_extending_a_finished_run_keeps_its_rows(tmp_path):
-    cli(*RUN, "logger=csv", "trainer.max_steps=30", f"hydra.run.dir={tmp_path / 'reference'}")
+    # The three runs in process (what train.py runs): the metrics.csv continued is the
+    # logger's, not the command line's; a resume through the command line: the test above.
+    def run(run_dir: Path, *overrides: str) -> None:
+        main(compose_config([*RUN, "logger=csv", *overrides], run_dir))
+
+    run(tmp_path / "reference", "trainer.max_steps=30")
     run_dir = tmp_path / "extended"
-    cli(*RUN, "logger=csv", "trainer.max_steps=20", f"hydra.run.dir={run_dir}")
+    run(run_dir, "trainer.max_steps=20")
     before = rows(run_dir)
-    cli(*RUN, "logger=csv", "trainer.max_steps=30", f"hydra.run.dir={run_dir}", "resume=true")
+    run(run_dir, "trainer.max_steps=30", "resume=true")
 
     after = rows(run_dir)
     training = [r for r in before if not r.get("test/log_likelihood")]
@@ -216,9 +223,7 @@ def test_wandb_offline_resume_continues_the_same_run_and_the_report_has_its_curv
 
     assert_each_step_once(run_dir)  # the CSV beside W&B continued too
     assert max(int(r["step"]) for r in rows(run_dir)) == 20
-    subprocess.run(
-        [sys.executable, "-m", "dreg.report", str(tmp_path / "sweep")], cwd=ROOT, check=True
-    )
+    write_report(tmp_path / "sweep", tmp_path / "sweep")  # its command line: test_report.py
     report = (tmp_path / "sweep" / "results.md").read_text()
     assert "Runs without curves (no csv/metrics.csv): none." in report
     assert (tmp_path / "sweep" / "val_log_likelihood.png").stat().st_size > 1000
