@@ -161,36 +161,47 @@ def test_compiled_two_layer_gradients_match_eager():
 TRAIN = [*TINY_RUN, *TINY_NET, "dataset.train_subset=4000", "trainer.log_every_n_steps=10"]
 
 
+CLI_ESTIMATORS = ["dreg_iwae", "dreg_rws"]
+
+
 @requires_mnist
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["dreg_iwae", "dreg_rws"])
-def test_two_layer_cli_run_trains_and_a_resume_continues_it_exactly(estimator, tmp_path):
-    run = [*TRAIN, f"estimator={estimator}", "trainer.val_check_interval=100"]
+def test_two_layer_cli_runs_train_and_a_resume_continues_each_exactly(tmp_path):
+    """Each estimator trained straight to 300 steps, and to 200 then resumed to 300. The two
+    estimators are the two jobs of one sweep (``-m``) per command: three processes instead of
+    one per estimator and command."""
+    run = ["-m", *TRAIN, f"estimator={','.join(CLI_ESTIMATORS)}",
+           "trainer.val_check_interval=100", "hydra.sweep.subdir=${hydra:job.num}"]  # fmt: skip
     straight, extended = tmp_path / "straight", tmp_path / "extended"
-    result = cli(*run, "trainer.max_steps=300", f"hydra.run.dir={straight}")
+    result = cli(*run, "trainer.max_steps=300", f"hydra.sweep.dir={straight}")
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((straight / "metrics.json").read_text())
-    assert metrics["global_step"] == 300 and math.isfinite(metrics["test/log_likelihood"])
-    # The model improves: the validation log-likelihood rises at every validation (100, 200,
-    # 300), by about 2 nats each here. The validation images and their bits are fixed, so the
-    # only noise is the S = 50-sample estimate, a few tenths of a nat over 50 images; a
-    # batch's training bound is far noisier (~10 nats from batch to batch).
-    val = column(read_csv(straight / "csv" / "metrics.csv"), "val/log_likelihood")
-    assert [s for s, _ in val] == [100, 200, 300]
-    gains = [b - a for (_, a), (_, b) in pairwise(val)]
-    assert all(g > 1 for g in gains), val
-    assert metrics["test/log_likelihood"] > metrics["test/bound"]  # S = 50 samples beat K = 8
+    for job, estimator in enumerate(CLI_ESTIMATORS):
+        metrics = json.loads((straight / str(job) / "metrics.json").read_text())
+        assert metrics["global_step"] == 300, estimator
+        assert math.isfinite(metrics["test/log_likelihood"]), estimator
+        # The model improves: the validation log-likelihood rises at every validation (100,
+        # 200, 300), by about 2 nats each here. The validation images and their bits are
+        # fixed, so the only noise is the S = 50-sample estimate, a few tenths of a nat over
+        # 50 images; a batch's training bound is far noisier (~10 nats from batch to batch).
+        val = column(read_csv(straight / str(job) / "csv" / "metrics.csv"), "val/log_likelihood")
+        assert [s for s, _ in val] == [100, 200, 300], estimator
+        gains = [b - a for (_, a), (_, b) in pairwise(val)]
+        assert all(g > 1 for g in gains), (estimator, val)
+        # S = 50 samples beat K = 8
+        assert metrics["test/log_likelihood"] > metrics["test/bound"], estimator
 
-    result = cli(*run, "trainer.max_steps=200", f"hydra.run.dir={extended}")
+    result = cli(*run, "trainer.max_steps=200", f"hydra.sweep.dir={extended}")
     assert result.returncode == 0, result.stderr[-3000:]
-    result = cli(*run, "trainer.max_steps=300", "resume=true", f"hydra.run.dir={extended}")
+    result = cli(*run, "trainer.max_steps=300", "resume=true", f"hydra.sweep.dir={extended}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((extended / "metrics.json").read_text())["global_step"] == 300
-    # 200 steps and a resume to 300 are the 300-step run, weights and Adam state alike.
-    got = load_checkpoint(extended / "checkpoints" / "last.ckpt")
-    want = load_checkpoint(straight / "checkpoints" / "last.ckpt")
-    assert want["global_step"] == 300
-    assert_same_checkpoint_state(got, want)
+    for job, estimator in enumerate(CLI_ESTIMATORS):
+        resumed = extended / str(job)
+        assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 300, estimator
+        # 200 steps and a resume to 300 are the 300-step run, weights and Adam state alike.
+        got = load_checkpoint(resumed / "checkpoints" / "last.ckpt")
+        want = load_checkpoint(straight / str(job) / "checkpoints" / "last.ckpt")
+        assert want["global_step"] == 300, estimator
+        assert_same_checkpoint_state(got, want)
 
 
 @requires_mnist
