@@ -47,6 +47,13 @@ def run(out: Path, *overrides: str) -> dict:
     return {"metrics": metrics, "checkpoint": checkpoint, "rows": rows}
 
 
+@pytest.fixture(scope="module")
+def single_steps(tmp_path_factory) -> dict:
+    """The default configuration at one step per call: the reference of several tests
+    (trained once; they only read it)."""
+    return run(tmp_path_factory.mktemp("single"), SINGLE)
+
+
 def assert_same_training(got: dict, want: dict) -> None:
     assert_same_checkpoint_state(got["checkpoint"], want["checkpoint"])
     assert got["checkpoint"]["epoch"] == want["checkpoint"]["epoch"]
@@ -112,8 +119,11 @@ def test_a_resumed_grouped_loader_continues_with_the_same_batches():
     [[], ["estimator=dreg_jvi"], ["estimator=dreg_cv"], ["train_model=false"]],
     ids=["iwae", "dreg_jvi", "dreg_cv-aux-loss", "inference-only"],
 )
-def test_grouped_calls_equal_single_steps_bitwise(tmp_path, overrides):
-    want = run(tmp_path / "single", *overrides, SINGLE)
+def test_grouped_calls_equal_single_steps_bitwise(tmp_path, request, overrides):
+    if overrides:
+        want = run(tmp_path / "single", *overrides, SINGLE)
+    else:
+        want = request.getfixturevalue("single_steps")
     got = run(tmp_path / "grouped", *overrides, "model.steps_per_call=4")
     assert want["metrics"]["global_step"] == got["metrics"]["global_step"] == 21
     assert_same_training(got, want)
@@ -121,8 +131,10 @@ def test_grouped_calls_equal_single_steps_bitwise(tmp_path, overrides):
 
 @requires_mnist
 @pytest.mark.slow  # real training runs compared step by step
-def test_groups_longer_than_every_interval_still_step_and_log_like_single_steps(tmp_path):
-    want = run(tmp_path / "single", SINGLE)
+def test_groups_longer_than_every_interval_still_step_and_log_like_single_steps(
+    tmp_path, single_steps
+):
+    want = single_steps
     got = run(tmp_path / "grouped", "model.steps_per_call=64")
     assert_same_training(got, want)
 
@@ -157,8 +169,10 @@ def test_raise_inside_a_group_names_the_step_and_keeps_the_last_good_checkpoint(
 @pytest.mark.parametrize(
     "first, then", [(4, 1), (1, 4)], ids=["grouped-then-single", "single-then-grouped"]
 )
-def test_a_run_extended_with_another_steps_per_call_continues_exactly(tmp_path, first, then):
-    want = run(tmp_path / "straight", SINGLE)
+def test_a_run_extended_with_another_steps_per_call_continues_exactly(
+    tmp_path, first, then, single_steps
+):
+    want = single_steps  # the straight run
     out = tmp_path / "extended"
     train(
         compose_config(
