@@ -14,6 +14,7 @@ import yaml
 import train
 from dreg.config import validate
 from dreg.errors import EXIT_SWEEP_FAILED, ConfigError, StorageError
+from dreg.run import main
 from dreg.sweep import job_folder
 from tests.conftest import NO_PROGRESS_BAR, TINY_RUN, cli, compose_config, requires_mnist
 
@@ -67,15 +68,25 @@ def test_values_of_the_right_type_pass(override, tmp_path):
     validate(compose_config([override], tmp_path))
 
 
+# seed=1.5 ran as seed 1; val_check_interval=0 was a ZeroDivisionError traceback.
+REFUSED_RUNS = ["seed=1.5", "trainer.val_check_interval=0", "model.compile=true"]
+
+
 @pytest.mark.slow  # a real process (imports Lightning)
-@pytest.mark.parametrize(
-    "override", ["seed=1.5", "trainer.val_check_interval=0", "model.compile=true"]
-)
-def test_the_cli_refuses_a_wrong_type_with_one_line_and_exit_2(override, tmp_path):
-    # seed=1.5 ran as seed 1; val_check_interval=0 was a ZeroDivisionError traceback.
+def test_the_cli_refuses_a_wrong_type_with_one_line_and_exit_2(tmp_path):
+    override = REFUSED_RUNS[0]  # the others' runs, in process: the next test
     result = cli(*TINY_RUN, override, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr[-2000:]
     assert last_line(result).startswith(f"error: {override}: "), last_line(result)
+
+
+@pytest.mark.parametrize("override", REFUSED_RUNS)
+def test_a_run_refuses_a_wrong_type_with_one_line_and_exit_2(override, tmp_path):
+    # What train.py runs, in process: the error it prints as its last line, and its code.
+    with pytest.raises(ConfigError) as raised:
+        main(compose_config([*TINY_RUN, override], tmp_path / "run"))
+    assert raised.value.exit_code == 2 and "\n" not in str(raised.value)
+    assert str(raised.value).startswith(f"{override}: "), str(raised.value)
 
 
 # -- Hydra's own refusals ---------------------------------------------------------------------
