@@ -1,4 +1,5 @@
-"""The real command line in subprocesses: multirun, W&B offline, 2-process DDP on CPU."""
+"""The real command line in subprocesses: multirun, W&B offline. (2-process DDP on CPU through
+the command line: tests/test_ddp_training.py, whose run checks the run folder as well.)"""
 
 from __future__ import annotations
 
@@ -58,14 +59,3 @@ def test_wandb_logger_runs_offline_without_credentials_or_prompt(tmp_path):
     assert metrics["test/log_likelihood"] in logged
     assert b"train/objective" in records
     assert "wandb sync" in result.stdout + result.stderr
-
-
-@pytest.mark.ddp
-def test_ddp_cpu_two_processes_through_the_cli(tmp_path):
-    run_dir = tmp_path / "run"
-    run_cli("trainer=ddp_cpu", f"hydra.run.dir={run_dir}", *TINY_RUN)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["global_step"] == 4
-    # Lightning relaunches train.py for rank 1 into the same run directory; nothing else.
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    assert (run_dir / ".hydra" / "config.yaml").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -17,7 +18,11 @@ from tests.conftest import ROOT, TINY_RUN, requires_mnist
 pytestmark = [requires_mnist, pytest.mark.ddp]
 
 
-def test_each_rank_draws_its_own_noise_and_checkpoints_keep_every_stream(tmp_path):
+def test_one_cli_run_in_one_folder_each_rank_its_own_noise_and_checkpoints_keep_every_stream(
+    tmp_path,
+):
+    """Also the command line's 2-process DDP run (it was tests/test_cli.py's own run, the same
+    tiny training): rank 1, relaunched by Lightning, writes into rank 0's run folder only."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY_RUN,
@@ -26,6 +31,10 @@ def test_each_rank_draws_its_own_noise_and_checkpoints_keep_every_stream(tmp_pat
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
+    # Lightning relaunches train.py for rank 1 into the same run directory; nothing else.
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     (rng,) = [v for k, v in checkpoint["callbacks"].items() if "PreemptionCheckpoint" in k]
     assert len(rng["ranks"]) == 2
