@@ -19,18 +19,24 @@ pytestmark = [requires_mnist, pytest.mark.ddp]
 
 
 def test_one_cli_run_in_one_folder_each_rank_its_own_noise_and_checkpoints_keep_every_stream(
-    tmp_path,
+    tmp_path, tmp_path_factory
 ):
-    """Also the command line's 2-process DDP run (it was tests/test_cli.py's own run, the same
-    tiny training): rank 1, relaunched by Lightning, writes into rank 0's run folder only."""
+    """The command line's tiny 2-process DDP run, with the default W&B logger offline: it was
+    also the run of tests/test_cli.py (rank 1, relaunched by Lightning, writes into rank 0's
+    run folder only) and of tests/test_journeys.py (W&B offline ends clean on every rank)."""
     run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    home = tmp_path_factory.mktemp("home")  # no W&B credentials; outside the checked folder
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY_RUN,
-         "model.net.hidden_dims=[16]", "model.num_samples=4", f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu",
+         *[a for a in TINY_RUN if a != "logger=csv"], "model.net.hidden_dims=[16]",
+         "model.num_samples=4", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**env, "HOME": str(home), "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
     # Lightning relaunches train.py for rank 1 into the same run directory; nothing else.
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
