@@ -1,24 +1,15 @@
-"""The real command line in subprocesses: multirun, W&B offline. (2-process DDP on CPU through
-the command line: tests/test_ddp_training.py, whose run checks the run folder as well.)"""
+"""The real command line in subprocesses: multirun. (W&B offline: tests/test_images.py's tiny
+run; 2-process DDP on CPU: tests/test_ddp_training.py's, which check these as well.)"""
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 
 import pytest
 
-from tests.conftest import NO_PROGRESS_BAR, TINY_RUN, cli, requires_mnist
+from tests.conftest import NO_PROGRESS_BAR, cli, requires_mnist
 
 pytestmark = [requires_mnist, pytest.mark.slow]
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The real command line, which must succeed."""
-    result = cli(*args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def test_multirun_writes_one_directory_per_job_named_by_number_and_values(tmp_path):
@@ -43,19 +34,5 @@ def test_multirun_writes_one_directory_per_job_named_by_number_and_values(tmp_pa
         assert (sweep / job / ".hydra" / "config.yaml").exists()
 
 
-def test_wandb_logger_runs_offline_without_credentials_or_prompt(tmp_path):
-    home = tmp_path / "home"  # no ~/.netrc, no API key: must go offline, never prompt
-    home.mkdir()
-    env = {"HOME": str(home), "WANDB_API_KEY": "", "WANDB_MODE": "", "WANDB_DIR": ""}
-    overrides = [o for o in TINY_RUN if not o.startswith("logger=")]
-    result = run_cli("logger=wandb", f"hydra.run.dir={tmp_path}/run", *overrides, env=env)
-    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, list((tmp_path / "run").iterdir())
-    (record_file,) = runs[0].glob("*.wandb")  # what `wandb sync` uploads
-    records = record_file.read_bytes()
-    # History values are stored as JSON text after the key (protobuf field 16, length-prefixed).
-    logged = [float(v) for v in re.findall(rb"test/log_likelihood\x82\x01.(-?[0-9.e+-]+)", records)]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["test/log_likelihood"] in logged
-    assert b"train/objective" in records
-    assert "wandb sync" in result.stdout + result.stderr
+# W&B offline without credentials or a prompt, through the command line: the tiny run of
+# tests/test_images.py (the same command) checks it with its pictures.

@@ -3,7 +3,9 @@ TensorBoard, for MNIST and struct-MNIST, without changing training."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,8 +90,11 @@ def test_bad_grid_size_names_the_key_and_a_fix(key, value):
 # -- real training --------------------------------------------------------------------------
 @requires_mnist
 @pytest.mark.slow
-def test_tiny_cli_run_writes_pngs_and_sends_the_same_pictures_to_wandb(tmp_path):
-    home = tmp_path / "home"  # no credentials: W&B runs offline
+def test_tiny_cli_run_goes_offline_writes_pngs_and_sends_the_same_pictures_to_wandb(tmp_path):
+    """One tiny run with the W&B logger and no credentials: it runs offline, never prompts
+    (no stdin), logs its metrics to the offline run and sends it the pictures of its PNGs.
+    (The offline checks were tests/test_cli.py's own run of the same command.)"""
+    home = tmp_path / "home"  # no ~/.netrc, no API key: must go offline, never prompt
     home.mkdir()
     run_dir = tmp_path / "run"
     overrides = [o for o in TINY_RUN if not o.startswith("logger=")]
@@ -100,9 +105,21 @@ def test_tiny_cli_run_writes_pngs_and_sends_the_same_pictures_to_wandb(tmp_path)
         text=True,
         timeout=600,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "HOME": str(home), "WANDB_API_KEY": "", "WANDB_MODE": ""},
-    )
+        env={**os.environ, "HOME": str(home), "WANDB_API_KEY": "", "WANDB_MODE": "",
+             "WANDB_DIR": ""},
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list(run_dir.iterdir())
+    (record_file,) = runs[0].glob("*.wandb")  # what `wandb sync` uploads
+    records = record_file.read_bytes()
+    # History values are stored as JSON text after the key (protobuf field 16, length-prefixed).
+    logged = [float(v) for v in re.findall(rb"test/log_likelihood\x82\x01.(-?[0-9.e+-]+)", records)]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/log_likelihood"] in logged
+    assert b"train/objective" in records
+    assert "wandb sync" in result.stdout + result.stderr
+
     grids = check_grids(run_dir / "images")
     reconstructions = tiles(grids["reconstructions"])
     originals, decoded = reconstructions[0], reconstructions[1]
