@@ -4,6 +4,7 @@ and a path into a sweep's job folder pasted into the next command."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -185,6 +186,8 @@ def test_job_folders_are_short_and_paste_safe():
 @requires_mnist
 @pytest.mark.slow
 def test_a_sweep_with_a_failed_job_exits_9_naming_it_and_its_folders_paste_unquoted(tmp_path):
+    """Also the run of tests/test_reliability.py's "a failing job does not lose the others"
+    (the same sweep): every job ran, the good one's results are kept."""
     sweep = tmp_path / "sweep"
     result = cli("-m", "debug=fast", *NO_PROGRESS_BAR, *TINY_MODEL, "trainer.max_steps=2",
                  "trainer.val_check_interval=2",
@@ -195,7 +198,21 @@ def test_a_sweep_with_a_failed_job_exits_9_naming_it_and_its_folders_paste_unquo
     assert "(exit 2); first error: model.optimizer.lr=-1: must be a number > 0" in line
     assert line.endswith(f"every job's status: {sweep}/summary.csv")
 
+    # A failing job does not lose the others: after running every job (exit 9 above), the
+    # good one is completed with its results, the bad one failed naming its override.
+    with open(sweep / "summary.csv") as f:
+        rows = {row["job"]: row for row in csv.DictReader(f)}
+    # The job number, then the swept value first, then the other overrides in short.
+    good_job = "0_lr-0.001_refresh_rate-0_debug-fast_hidden_dims-8_latent_di"  # 60 characters
+    bad_job = "1_lr--1_refresh_rate-0_debug-fast_hidden_dims-8_latent_dim-2"
+    assert sorted(rows) == [good_job, bad_job]
+    good, bad = rows[good_job], rows[bad_job]
+    assert good["status"] == "completed" and float(good["test/log_likelihood"]) < 0
+    assert bad["status"] == "failed" and "model.optimizer.lr=-1" in bad["error"]
+    assert (sweep / good_job / "metrics.json").exists()
+
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == [good_job, bad_job]
     assert [p.name[:2] for p in jobs] == ["0_", "1_"]
     for job in jobs:
         assert re.fullmatch(r"[A-Za-z0-9._-]{1,60}", job.name), job.name
