@@ -365,6 +365,8 @@ class DReGModule(pl.LightningModule):
         (its param groups carry the flags of the run that wrote it), and what the path needs."""
         keywords = getattr(self.optimizer_factory, "keywords", {})
         flags = {key: keywords[key] for key in ("fused", "foreach") if key in keywords}
+        if self.compiles_step() and flags.get("fused"):
+            flags["fused"] = False  # traced into the compiled update instead (Replicas.compiled)
         if self._captured_wanted:
             # Adam's step count and bias correction on the device, so a graph can record it.
             flags["capturable"] = True

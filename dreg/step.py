@@ -429,6 +429,10 @@ class Replicas:
             # breaks); the compiled update fuses the single-tensor loop itself.
             if group.get("fused"):
                 group["fused"] = False
+        # Static shapes: a pack's cohorts differ in M, and Dynamo's automatic dynamic shapes
+        # after a shape change crashed Inductor's guards here (torch 2.13, CPU); a cohort's
+        # shapes never change, so one static graph per cohort is all a run needs.
+        options.setdefault("dynamic", False)
         self._compiled = (
             torch.compile(self._loss, **options),
             torch.compile(self._update, **options),

@@ -11,6 +11,7 @@ from dreg.estimators import routed_loss
 from dreg.estimators.iwae import DReGIWAE
 from dreg.lightning_module import DReGModule
 from dreg.model import VAE
+from tests.conftest import requires_mnist
 
 
 def module(compile_: bool | str) -> DReGModule:
@@ -115,3 +116,29 @@ def test_the_compiled_step_is_the_eager_step_without_graph_breaks(layout, name):
                      (compiled._update, (log_w, objective, log_q_stop_z, None))):  # fmt: skip
         explained = torch._dynamo.explain(fn)(*args)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None,
+    reason="torch.compile on CPU needs a C compiler",
+)
+@requires_mnist
+def test_a_compiled_run_compiles_each_region_once_without_graph_breaks(tmp_path):
+    # Every run of steps asks the job for its optimizer; a flag set back on it (the config's
+    # fused Adam) recompiled the update at every run until Dynamo crashed on its guards.
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from dreg.run import train
+    from dreg.step import Replicas
+    from tests.conftest import TINY_RUN, compose_config
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    overrides = ["trainer.max_steps=8", "model.steps_per_call=2", "model.compile=step"]
+    metrics = train(compose_config([*TINY_RUN, *overrides], tmp_path))
+    assert metrics["global_step"] == 8
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for region in (Replicas._loss, Replicas._update):
+        assert len(_debug_get_cache_entry_list(region.__code__)) == 1, region.__name__
