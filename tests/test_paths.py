@@ -58,10 +58,18 @@ def sweep(where: Path, *overrides: str) -> Path:
     return where
 
 
+ALONE_GROUPED = "alone, 4 steps per call"  # jobs 6-11 of the reference's sweep
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """Every job alone at one step per call."""
-    return sweep(tmp_path_factory.mktemp("reference"), "model.steps_per_call=1")
+    """Every job alone at one step per call: jobs 0-5 of one sweep (basic launcher), whose
+    jobs 6-11 are the same jobs alone at four steps per call (``model.steps_per_call=1,4``
+    first on the command line, so it varies slowest): one process for both paths alone."""
+    where = tmp_path_factory.mktemp("reference")
+    result = cli(BASE[0], "model.steps_per_call=1,4", *BASE[1:], f"hydra.sweep.dir={where}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return where
 
 
 REPLAY_ERROR = "grad/compare/replay_rel_error"
@@ -96,9 +104,13 @@ def assert_close_state(got: dict, want: dict, rel: float) -> None:
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_every_path_trains_the_reference_model(path, reference, tmp_path):
-    where = sweep(tmp_path / "sweep", *PATHS[path])
+    if path == ALONE_GROUPED:  # run beside the reference, as its jobs 6-11
+        got_of = {job: reference / str(int(job) + len(JOBS)) for job in JOBS}
+    else:
+        where = sweep(tmp_path / "sweep", *PATHS[path])
+        got_of = {job: where / job for job in JOBS}
     for job in JOBS:
-        got, want = where / job, reference / job
+        got, want = got_of[job], reference / job
         got_ckpt = load_checkpoint(got / "checkpoints" / "last.ckpt")
         want_ckpt = load_checkpoint(want / "checkpoints" / "last.ckpt")
         assert got_ckpt["global_step"] == 20
