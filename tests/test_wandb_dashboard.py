@@ -197,6 +197,7 @@ TINY = [
     "model.net.hidden_dims=[8]",
     "model.net.latent_dim=2",
 ]
+TEST_CONFIGS = Path(__file__).resolve().parent / "configs"  # config groups of the tests
 # The checks of a run folder after a real run: no credentials anywhere, so offline, no prompt.
 NO_CREDENTIALS = {"WANDB_API_KEY": "", "WANDB_MODE": "", "WANDB_DIR": ""}
 
@@ -254,16 +255,17 @@ def test_a_training_run_records_its_fields_nested_config_and_summary(trained):
 @pytest.mark.slow
 def test_every_mode_has_its_job_type_and_the_diagnostics_their_tables_and_plots(trained):
     ckpt = f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"
-    home, root = trained.parent / "home", trained.parent
-    modes = {
-        "inference_only": ["train_model=false", "trainer.max_steps=2"],
-        "bias_check": ["mode=bias_check", "estimator=dreg_iwae", "mode.num_batches=8",
-                       "mode.batch_size=4"],
-        "diagnose": ["mode=diagnose", "mode.num_samples=[1,4]", "mode.num_draws=2",
-                     "mode.batch_size=4"],
-    }  # fmt: skip
-    for name, args in modes.items():
-        run_cli(home, *TINY, *args, ckpt, f"hydra.run.dir={root / name}")
+    home, root = trained.parent / "home", trained.parent / "modes"
+    # The three uses of the checkpoint are the three jobs of one sweep (one process): each
+    # job's overrides are an option of the group tests/configs/dashboard_mode (inference_only:
+    # train_model=false, trainer.max_steps=2; bias_check: mode=bias_check,
+    # estimator=dreg_iwae, mode.num_batches=8, mode.batch_size=4; diagnose: mode=diagnose,
+    # mode.num_samples=[1,4], mode.num_draws=2, mode.batch_size=4), each in its own folder.
+    modes = ["inference_only", "bias_check", "diagnose"]
+    run_cli(home, "-m", *TINY, ckpt, f"hydra.searchpath=[file://{TEST_CONFIGS}]",
+            f"+dashboard_mode={','.join(modes)}", f"hydra.sweep.dir={root}",
+            "hydra.sweep.subdir=${hydra:runtime.choices.dashboard_mode}")  # fmt: skip
+    for name in modes:
         assert read_offline_run(root / name).run.job_type == name
 
     bias = read_offline_run(root / "bias_check")
