@@ -21,8 +21,10 @@ venv: $(STAMP)  ## create/refresh the virtual environment
 train: $(STAMP)  ## train IWAE on MNIST with the paper's settings (pass overrides with ARGS="...")
 	$(BIN)/python train.py $(ARGS)
 
+# --dist loadscope: a module's tests stay on one worker, so its shared runs (module fixtures)
+# are trained once, not once per worker.
 test: $(STAMP)  ## run every test layer (CI runs this), one worker per core
-	$(BIN)/python -m pytest -q -n auto $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadscope $(ARGS)
 
 test-fast: $(STAMP)  ## skip the slow end-to-end and DDP tests
 	$(BIN)/python -m pytest -q -m "not slow and not ddp" $(ARGS)

@@ -16,6 +16,9 @@ from omegaconf import DictConfig, open_dict
 # One thread per process: the suite's models are small (threads only add spin-waiting), and
 # the CPU/DDP subprocesses inherit this, so two processes never fight over two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The variable is read when torch loads (above), so the test process itself is set directly:
+# in-process runs on two xdist workers would otherwise use two threads each on two cores.
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
