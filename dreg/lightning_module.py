@@ -153,6 +153,8 @@ class DReGModule(pl.LightningModule):
 
     # -- what the run of steps asks of a job (dreg.cohort.TrainingJob) -----------------------
     def training_optimizer(self) -> torch.optim.Optimizer:
+        """The job's optimizer, with the flags its path needs (:meth:`_path_flags`) set again:
+        a resumed checkpoint's param groups carry those of the run that wrote it."""
         optimizer = self.optimizers().optimizer
         for group in optimizer.param_groups:
             group.update(self._path_flags())

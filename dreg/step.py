@@ -429,9 +429,9 @@ class Replicas:
             # breaks); the compiled update fuses the single-tensor loop itself.
             if group.get("fused"):
                 group["fused"] = False
-        # Static shapes: a pack's cohorts differ in M, and Dynamo's automatic dynamic shapes
-        # after a shape change crashed Inductor's guards here (torch 2.13, CPU); a cohort's
-        # shapes never change, so one static graph per cohort is all a run needs.
+        # Static shapes: after a shape change (another cohort's M, another model in the same
+        # process), Dynamo's automatic dynamic shapes crashed while building Inductor's guards
+        # (torch 2.13, CPU); a cohort's shapes never change, so one static graph per cohort.
         options.setdefault("dynamic", False)
         self._compiled = (
             torch.compile(self._loss, **options),
