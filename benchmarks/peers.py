@@ -245,6 +245,9 @@ CONTENDERS = [
 
 def measure(name: str, setting: dict, data: Tensor) -> tuple[float, float] | None:
     """``(steps/s by the wall clock, steps/s by this process's CPU time)``, or ``None``."""
+    # Each contender compiles as a fresh process would: Dynamo keeps earlier repetitions'
+    # graphs (other objects) and checks their guards first, which slowed later repetitions.
+    torch._dynamo.reset()
     if name.startswith("cli"):
         with tempfile.TemporaryDirectory() as out:
             return cli_steps_per_s(setting, name.endswith("step"), Path(out))
@@ -306,9 +309,6 @@ def main() -> None:
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    # Every repetition compiles new Replicas: the same code objects, new guards. Dynamo's
-    # default limit of recompilations per code object (8) would drop later ones to eager.
-    torch._dynamo.config.cache_size_limit = 64
     data = grey_levels(4096)
     rows = {}
     for model in args.models:
