@@ -153,12 +153,7 @@ class DReGModule(pl.LightningModule):
 
     # -- what the run of steps asks of a job (dreg.cohort.TrainingJob) -----------------------
     def training_optimizer(self) -> torch.optim.Optimizer:
-        """The job's optimizer, with the flags its path needs (:meth:`_path_flags`) set again:
-        a resumed checkpoint's param groups carry those of the run that wrote it."""
-        optimizer = self.optimizers().optimizer
-        for group in optimizer.param_groups:
-            group.update(self._path_flags())
-        return optimizer
+        return self.optimizers().optimizer
 
     def observes_gradients(self) -> bool:
         return has_gradient_hooks(self.trainer)
@@ -295,6 +290,10 @@ class DReGModule(pl.LightningModule):
 
     # -- what checkpoints carry besides the weights ----------------------------------------
     def on_train_start(self) -> None:
+        # A resumed checkpoint's param groups carry the implementation flags of the run that
+        # wrote it (a compiled run's unfused Adam, say): this run's own apply.
+        for group in self.training_optimizer().param_groups:
+            group.update(self._path_flags())
         pack = current_pack()
         if pack is not None:
             pack.attach(self.trainer)
@@ -363,12 +362,10 @@ class DReGModule(pl.LightningModule):
         return self.optimizer_factory(groups, **self._path_flags())
 
     def _path_flags(self) -> dict:
-        """The optimizer's implementation flags as configured, over a loaded checkpoint's
-        (its param groups carry the flags of the run that wrote it), and what the path needs."""
+        """The optimizer's implementation flags: as configured, and what the path needs.
+        (``model.compile=step`` turns ``fused`` off itself: :meth:`dreg.step.Replicas.compiled`.)"""
         keywords = getattr(self.optimizer_factory, "keywords", {})
         flags = {key: keywords[key] for key in ("fused", "foreach") if key in keywords}
-        if self.compiles_step() and flags.get("fused"):
-            flags["fused"] = False  # traced into the compiled update instead (Replicas.compiled)
         if self._captured_wanted:
             # Adam's step count and bias correction on the device, so a graph can record it.
             flags["capturable"] = True

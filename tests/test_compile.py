@@ -129,6 +129,7 @@ def test_a_compiled_run_compiles_each_region_once_without_graph_breaks(tmp_path)
     # fused Adam) recompiled the update at every run until Dynamo crashed on its guards.
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+    from dreg.checkpointing import load_checkpoint
     from dreg.run import train
     from dreg.step import Replicas
     from tests.conftest import TINY_RUN, compose_config
@@ -142,3 +143,12 @@ def test_a_compiled_run_compiles_each_region_once_without_graph_breaks(tmp_path)
     assert not counters["graph_break"], dict(counters["graph_break"])
     for region in (Replicas._loss, Replicas._update):
         assert len(_debug_get_cache_entry_list(region.__code__)) == 1, region.__name__
+
+    # Its checkpoint carries the unfused Adam; an eager resume takes the config's fused one.
+    def fused_flags() -> list[bool]:
+        ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+        return [g["fused"] for g in ckpt["optimizer_states"][0]["param_groups"]]
+
+    assert fused_flags() == [False, False]
+    train(compose_config([*TINY_RUN, "trainer.max_steps=10", "resume=true"], tmp_path))
+    assert fused_flags() == [True, True]
