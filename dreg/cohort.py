@@ -128,7 +128,9 @@ class Cohort:
         if self.captured is not None:  # the whole step, one graph replay
             self.captured.replay(rows)
         else:
-            self.replicas.step(data[rows], self.split, self.backward)
+            # index_select: a third of advanced indexing's host time for the same rows.
+            images = data.index_select(0, rows.reshape(-1)).view(*rows.shape, data.shape[1])
+            self.replicas.step(images, self.split, self.backward)
 
 
 def cohort_key(job: TrainingJob) -> tuple:
@@ -157,15 +159,17 @@ class Cohorts:
         bad under ``nonfinite=raise``. The others wait for the next run."""
         n = min(len(r.group) - r.offset for r in requests)
         cohorts = self._cohorts_of(requests)
-        for cohort, _ in cohorts:
+        run_rows = []  # per cohort, [n, M, B]: every step's rows, stacked once per run
+        for cohort, members in cohorts:
             cohort.replicas.start_run()
+            rows = [r.group.rows[r.offset : r.offset + n] for r in members]
+            run_rows.append(torch.stack(rows, 1))
         taken = 0
         for _ in range(n):
             if any(r.job.stop_requested() for r in requests):
                 break
-            for cohort, members in cohorts:
-                rows = torch.stack([r.group.rows[r.offset + taken] for r in members])
-                cohort.step(rows, members[0].group.data)
+            for (cohort, members), rows in zip(cohorts, run_rows, strict=True):
+                cohort.step(rows[taken], members[0].group.data)
             for request in requests:
                 request.job.count_step()
             taken += 1

@@ -166,6 +166,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return status
     # Read before testing: trainer.test() replaces the callback metrics.
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
+    # The last step's, not the last row's (the logger writes every log_every_n_steps).
+    train_metrics.update({k: float(v) for k, v in module.last_train_metrics.items()})
     elapsed = train_seconds(trainer)
     best = best_checkpoint(trainer, output_dir)
     metrics = {

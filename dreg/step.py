@@ -148,6 +148,7 @@ class Replicas:
         # stacked, the module's parameters (of which ``params`` are views) alone.
         self.leaves = list(params.values()) if leaves is None else list(leaves)
         self.optimizer, self.specs = optimizer, list(specs)
+        self.optimized = [p for group in optimizer.param_groups for p in group["params"]]
         self.num_samples, self.antithetic, self.train_model = num_samples, antithetic, train_model
         self.clip_norm, self.extra = clip_norm, list(extra)
         self.size = len(self.specs)
@@ -393,7 +394,8 @@ class Replicas:
         loss, log_w, objective, log_q_stop_z = (compiled[0] if compiled else self._loss)(
             x, context, eps
         )
-        self.optimizer.zero_grad()
+        for tensor in self.optimized:  # optimizer.zero_grad()'s work, in a tenth of its time
+            tensor.grad = None
         backward(loss)
         if compiled and not self.observers and self.optimizer.state:
             compiled[1](log_w, objective, log_q_stop_z, None)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -21,6 +22,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class StopAtStep(pl.Callback):
+    """Stops training after the call that reaches optimizer step ``step``, as Lightning's
+    ``max_time`` does (``should_stop`` in ``on_train_batch_end``): a run's end between the
+    logger's rows (``+callbacks.stop._target_=tests.conftest.StopAtStep``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
 CONF_DIR = ROOT / "conf"
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 

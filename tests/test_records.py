@@ -307,6 +307,25 @@ def test_short_runs_log_a_training_curve_and_steps_agree_with_checkpoints(tmp_pa
     assert {f"best-step{s}.ckpt" for s in val_steps} >= set(best)
 
 
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_a_run_stopped_between_rows_records_its_last_step(tmp_path):
+    """Training metrics are logged for the logger's rows only (and a shown progress bar):
+    the row Lightning writes when a callback stops the run (max_time) holds that call's
+    values under its own step, and metrics.json the last step's."""
+    run_in_process(tmp_path, "trainer.max_steps=20", "trainer.log_every_n_steps=5",
+                   "model.steps_per_call=4", "trainer.val_check_interval=5",
+                   "+callbacks.stop._target_=tests.conftest.StopAtStep",
+                   "+callbacks.stop.step=7")  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["global_step"] == 9  # groups of 4 and 1 (cut at rows): steps 4, 5, 9
+    with (tmp_path / "csv" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/objective")]
+    assert [int(r["step"]) for r in rows] == [5, 9]  # the last row is not step 5's again
+    for key in ("train/objective", "train/iwae_bound"):
+        assert float(rows[1][key]) != float(rows[0][key])
+        assert metrics[key] == pytest.approx(float(rows[1][key]), rel=1e-6)
+
+
 # -- diagnostics need no source tree (item 9) -----------------------------------------------
 def test_diagnostics_run_from_a_copied_package_and_any_folder(tmp_path):
     site, app, elsewhere = tmp_path / "site", tmp_path / "app", tmp_path / "elsewhere"
