@@ -9,8 +9,12 @@ medians are reported.
 
     python -m benchmarks.steps_per_call                       # GPU: K = 16, 64, 256, 1024
     python -m benchmarks.steps_per_call --device cpu --quick  # CPU: K = 16, 64, few steps
+    python -m benchmarks.steps_per_call --cputime             # CPU time: tiny, paper; N 16 50 100
 
-Writes ``benchmarks/results/steps_per_call_<device>.{json,md}``. Needs ``DREG_DATA_DIR``.
+Writes ``benchmarks/results/steps_per_call_<device>.{json,md}``; ``--cputime`` times
+``train.py``'s path eager and with ``model.compile=step`` on the peer benchmark's two models
+(:mod:`benchmarks.peers`) by this process's CPU time, which a shared machine's other load
+hardly changes, into ``steps_per_call_cputime.{json,md}``. Needs ``DREG_DATA_DIR``.
 """
 
 from __future__ import annotations
@@ -83,6 +87,48 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_cputime(ns: list[int], repeats: int) -> None:
+    """Steps/s by CPU time of the CLI path at each N, eager and compiled, interleaved."""
+    from benchmarks.peers import SETTINGS, cli_steps_per_s
+
+    torch.set_num_threads(1)
+    rows = []
+    for model, setting in SETTINGS.items():
+        # Timing starts at a call's start: a warmup of max(ns) steps starts one for every N.
+        setting = {**setting, "warmup": max(ns), "steps": max(ns) * (12 if model == "tiny" else 2)}
+        for compiled in (False, True):
+            rates: dict[int, list[float]] = {n: [] for n in ns}
+            for _ in range(repeats):
+                for n in ns:
+                    torch._dynamo.reset()  # each N compiles as a fresh process would
+                    with tempfile.TemporaryDirectory() as out:
+                        extra = (f"model.steps_per_call={n}",)
+                        rates[n].append(cli_steps_per_s(setting, compiled, Path(out), extra)[1])
+            med = {n: statistics.median(v) for n, v in rates.items()}
+            row = {"model": model, "compile": "step" if compiled else "false",
+                   "median": {str(n): v for n, v in med.items()},
+                   "raw": {str(n): v for n, v in rates.items()},
+                   "best_n": max(med, key=med.get)}  # fmt: skip
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "raw"}), flush=True)
+    results = {**measurement_context("cpu", repeats, 0), "steps_per_call": ns, "rows": rows}
+    lines = [
+        f"# model.steps_per_call by CPU time ({results['device_name']}, torch {results['torch']})",
+        "",
+        f"{results['when']}; one thread; DReG-IWAE, batch 32; `train.py`'s path "
+        "(`benchmarks.peers.cli_steps_per_s`: default callbacks, CSV logger, no validation, "
+        "no progress bar); steps/s by this process's CPU time, medians of "
+        f"{repeats} interleaved repetitions (`python -m benchmarks.steps_per_call --cputime`).",
+        "",
+        "| model | model.compile | " + " | ".join(f"N={n}" for n in ns) + " | best N |",
+        "|---|---|" + "---|" * len(ns) + "---|",
+    ]
+    for row in rows:
+        cells = " | ".join(f"{row['median'][str(n)]:.1f}" for n in ns)
+        lines.append(f"| {row['model']} | {row['compile']} | {cells} | {row['best_n']} |")
+    write_results("steps_per_call_cputime", results, "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +137,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--steps-per-call", type=int, nargs="*", default=None)
     parser.add_argument("--estimators", nargs="*", default=ESTIMATORS)
+    parser.add_argument("--cputime", action="store_true", help="CLI path by CPU time (CPU)")
     args = parser.parse_args()
+    if args.cputime:
+        by_cputime(args.steps_per_call or [16, 50, 100], args.repeats)
+        return
     ks = [16, 64] if args.quick else [16, 64, 256, 1024]
     steps = args.steps or (60 if args.quick else 500)
     ns = args.steps_per_call or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
