@@ -70,7 +70,8 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         folder.release()
     name = cfg.get("optimized_metric")
-    if name and metrics and name not in metrics:
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep and name and metrics and name not in metrics:  # a sweeper reads it
         log.warning(
             "optimized_metric=%s is not among this run's results %s; sweepers get None",
             name,

@@ -138,6 +138,8 @@ def test_evaluate_tests_exactly_the_given_checkpoint(trained, tmp_path):
     assert metrics["global_step"] == 4
     assert metrics["test/log_likelihood"] < 0
     assert read_json(run_dir / "status.json")["status"] == "completed"
+    # No validation in an evaluation; only a sweep's job is told that its sweeper gets None.
+    assert "optimized_metric" not in (run_dir / "train.log").read_text()
 
 
 def test_evaluating_non_finite_weights_fails_instead_of_recording_nan(trained, tmp_path):
