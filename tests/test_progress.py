@@ -3,6 +3,7 @@ pack draws one bar."""
 
 from __future__ import annotations
 
+import csv
 import re
 import threading
 from types import SimpleNamespace
@@ -96,3 +97,10 @@ def test_a_packed_sweep_draws_one_bar_in_optimizer_steps(tmp_path):
     # Steps, not calls: 4 and 8 of 8 (Lightning's bar said 1/... and 2/...).
     assert {m for f in training for m in re.findall(r"\| (\d+/\d+) \[", f)} >= {"4/8", "8/8"}
     assert not [f for f in frames if f.startswith("Epoch ")]  # no second job's bar
+    # A shown bar reads the objective every call; the logger still writes rows at its cadence
+    # (debug=fast: every 5 steps) and at the end only.
+    assert any("train/objective=" in f for f in training if "| 4/8 [" in f)  # before row 5
+    for metrics in sorted(tmp_path.glob("*/csv/metrics.csv")):
+        with metrics.open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/objective")]
+        assert [int(r["step"]) for r in rows] == [5, 8], metrics
