@@ -106,10 +106,8 @@ class DReGModule(pl.LightningModule):
         # The experiment definition (dreg.records.experiment_config), set by dreg.run and saved
         # in every checkpoint so that a resume can be checked against it.
         self.experiment: dict | None = None
-        # The last training call's batch means (what metrics.json records), and whether the
-        # logger has them yet.
+        # The last training call's batch means (what metrics.json records).
         self.last_train_metrics: dict[str, Tensor] = {}
-        self._unlogged, self._batch_size = False, 0
         self._stepped = True  # the last training call took a step (see align_cadence)
         self.steps_per_call, self.cuda_graph = steps_per_call, cuda_graph
         self.clip_grad_norm, self.max_skipped_fraction = clip_grad_norm, max_skipped_fraction
@@ -220,25 +218,26 @@ class DReGModule(pl.LightningModule):
         self.skipped_steps += result.skipped
         if result.skipped:
             self._check_skipped(self.trainer.max_steps)
-        self._batch_size = group.rows.shape[1]
+        size = group.rows.shape[1]
         if result.skipped:
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=self._batch_size)
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
         objective, bound = result.objective.clone(), result.iwae_bound.clone()
         self.last_train_metrics = {"train/objective": objective, "train/iwae_bound": bound}
-        self._unlogged = True
         # Lightning's self.log costs ~0.3 ms a call (3% of a tiny model's step at 16 steps a
         # call): the row is logged for the logger's rows only (on_train_batch_end logs it when
         # a callback stops the run between them); in between only a progress bar reads it.
-        if self.global_step % self._cadence[1] == 0:
-            self._log_train_row()
+        if self._at_log_row():
+            self._log_train_row(size)
         elif (bar := self.trainer.progress_bar_callback) is not None and bar.is_enabled:
-            self.log("train/objective", objective, prog_bar=True, batch_size=self._batch_size)
+            self.log("train/objective", objective, prog_bar=True, batch_size=size)
 
-    def _log_train_row(self) -> None:
+    def _at_log_row(self) -> bool:
+        """The logger writes a row after this call (``trainer.log_every_n_steps``)."""
+        return self.global_step % self._cadence[1] == 0
+
+    def _log_train_row(self, size: int) -> None:
         """Log the last call's training metrics for the row Lightning writes after the call.
         Rows are labelled with the optimizer steps done, as checkpoints and validation."""
-        self._unlogged = False
-        size = self._batch_size
         self.log("train/objective", self.last_train_metrics["train/objective"], prog_bar=True,
                  batch_size=size)  # fmt: skip
         self.log("train/iwae_bound", self.last_train_metrics["train/iwae_bound"], batch_size=size)
@@ -258,18 +257,17 @@ class DReGModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: BatchGroup, batch_idx: int) -> None:
         align_cadence(self.trainer, self.global_step, *self._cadence, self._stepped)
-        if not self._unlogged:
-            return
+        if not self._stepped or self._at_log_row():
+            return  # this call's row, if any, is logged
         if self.trainer.should_stop:
             # A callback (max_time, say) stopped the run: Lightning writes a row after this
             # call, which must carry this call's values (it repeats the last ones logged).
-            self._log_train_row()
+            self._log_train_row(batch.rows.shape[1])
         elif self.global_step == self.trainer.max_steps:
             # The last call, between the logger's rows: no row would hold the run's end.
             row = {k: float(v) for k, v in self.last_train_metrics.items()}
             for logger in self.loggers:
                 logger.log_metrics(row, step=self.global_step)
-            self._unlogged = False
 
     def _setup_grouping(self) -> None:
         trainer = self.trainer
