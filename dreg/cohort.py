@@ -25,6 +25,7 @@ What else is wired here, once for every way to train:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,13 @@ from torch import Tensor
 from dreg.captured_step import CapturedStep
 from dreg.datamodules.binarized import BatchGroup
 from dreg.step import Job, Replicas, Split
+
+log = logging.getLogger(__name__)
+
+#: ``replicas_per_pass=auto`` on a CPU: a replica whose decoder output ``[K, B, D]`` takes at
+#: least this many bytes gets a pass of its own (the paper model at K = 64: 6.4 MB), smaller
+#: ones share one pass (docs/benchmarks.md, "Packed sweeps": passes).
+OWN_PASS_BYTES = 2 * 2**20
 
 
 class TrainingJob(Job, Protocol):
@@ -149,9 +157,10 @@ def cohort_key(job: TrainingJob) -> tuple:
 class Cohorts:
     """Takes runs of steps for jobs, in cohorts kept while the same jobs train together."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas_per_pass: int | str = "auto") -> None:
         self._cohorts: dict[tuple[int, ...], Cohort] = {}  # by the ids of its jobs
         self.steps = 0  # joint steps taken
+        self.replicas_per_pass = replicas_per_pass  # of a stacked cohort's eager step
 
     def run(self, requests: Sequence[Request]) -> None:
         """As many steps as every request still has, for all of them (one cohort after
@@ -186,7 +195,8 @@ class Cohorts:
             ids = tuple(id(r.job) for r in members)
             used.add(ids)
             if ids not in self._cohorts:
-                self._cohorts[ids] = _build_cohort([r.job for r in members], members[0].group)
+                jobs = [r.job for r in members]
+                self._cohorts[ids] = _build_cohort(jobs, members[0].group, self.replicas_per_pass)
             cohorts.append((self._cohorts[ids], members))
         for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
             del self._cohorts[ids]
@@ -216,26 +226,55 @@ def _close_run(replicas: Replicas, members: list[Request], taken: int, stopped: 
             )
 
 
-def _build_cohort(jobs: list[TrainingJob], group: BatchGroup) -> Cohort:
+def replicas_per_pass(setting: int | str, jobs: Sequence[TrainingJob], group: BatchGroup) -> int:
+    """How many replicas a stacked cohort's eager step takes through forward and backward
+    at once (``hydra.launcher.replicas_per_pass``). ``auto``: all of them on an accelerator
+    (one launch per operator for the whole pack is what packing buys there); on a CPU one
+    at a time once a replica's decoder output ``[K, B, D]`` takes ``OWN_PASS_BYTES``: a
+    stack of such replicas outgrows the cache and costs more per replica than one alone
+    (the paper model, M = 4: 1.28x alone in one pass, 1.0x in passes of one), while small
+    replicas gain from sharing a pass (tiny model, M = 48: 925 model-steps/s in one pass,
+    438 in passes of one)."""
+    if setting != "auto":
+        return min(int(setting), len(jobs))
+    first = next(jobs[0].net.parameters())
+    if first.device.type != "cpu":
+        return len(jobs)
+    k = jobs[0].step_settings()["num_samples"]
+    batch, width = group.rows.shape[1], group.data.shape[1]
+    return 1 if k * batch * width * first.element_size() >= OWN_PASS_BYTES else len(jobs)
+
+
+def _build_cohort(
+    jobs: list[TrainingJob], group: BatchGroup, per_pass_setting: int | str = "auto"
+) -> Cohort:
     """One stacked model for ``jobs``; a cohort of one trains in place, as a run alone."""
     optimizers = [job.training_optimizer() for job in jobs]
     settings = jobs[0].step_settings()
+    compiled = jobs[0].compiles_step()  # every job of a cohort does (cohort_key)
+    captured = not compiled and all(job.wants_captured_step() for job in jobs)
     if len(jobs) == 1:
         replicas = Replicas.alone(jobs[0], optimizers[0], jobs[0].noise, **settings)
         backward = jobs[0].lone_backward()
     else:
-        replicas = Replicas.stacked(jobs, optimizers, [job.noise for job in jobs], **settings)
+        # Passes are the eager step's: a compiled or captured step is one graph for all.
+        eager = not (compiled or captured)
+        per_pass = replicas_per_pass(per_pass_setting, jobs, group) if eager else len(jobs)
+        replicas = Replicas.stacked(jobs, optimizers, [job.noise for job in jobs],
+                                    replicas_per_pass=per_pass, **settings)  # fmt: skip
+        log.info("A stacked model of %d jobs: forward and backward in passes of %d",
+                 len(jobs), per_pass)  # fmt: skip
         backward = Tensor.backward
     for m, job in enumerate(jobs):
         if job.observes_gradients():
             replicas.observers[m] = _observer(replicas, job)
     cohort = Cohort(replicas, backward, jobs[0].split)
-    if jobs[0].compiles_step():  # every job of a cohort does (cohort_key)
+    if compiled:
         # Every cohort compiles the same code again (its own tensors); past Dynamo's default
         # of 8 recompiles it would silently fall back to eager.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         replicas.compiled()
-    elif all(job.wants_captured_step() for job in jobs):
+    elif captured:
         cohort.captured = CapturedStep(replicas, group.data, jobs[0].split, group.rows.shape[1])
     return cohort
 

@@ -8,9 +8,10 @@ a barrier (:meth:`Pack.train`), and once every unfinished job waits there, the p
 those steps for all of them at once through :class:`dreg.cohort.Cohorts`, the run of steps
 that a run alone takes too: the replicas' parameters stacked ``[M, ...]``
 (:class:`dreg.step.Replicas`), the model's own code under ``torch.func.vmap``, one backward,
-one optimizer step for all. So a step's host work (Lightning's loop, the optimizer,
-the non-finite check, the thread hand-off) is paid once per pack and run of steps, not once
-per job and step.
+one optimizer step for all (on a CPU, large replicas take forward and backward one at a
+time: ``hydra.launcher.replicas_per_pass``, :func:`dreg.cohort.replicas_per_pass`). So a
+step's host work (Lightning's loop, the optimizer, the non-finite check, the thread hand-off)
+is paid once per pack and run of steps, not once per job and step.
 
 Why the jobs cannot change each other's numbers:
 
@@ -100,11 +101,11 @@ def current_pack() -> Pack | None:
 class Pack:
     """Runs jobs in threads, one at a time, and trains their replicas together."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas_per_pass: int | str = "auto") -> None:
         self._cond = threading.Condition()  # its lock is the right to run
         self._members: list[_Member] = []
         self._stopping = False
-        self._cohorts = Cohorts()  # the run of steps, as for a run alone
+        self._cohorts = Cohorts(replicas_per_pass)  # the run of steps, as for a run alone
 
     @property
     def steps(self) -> int:

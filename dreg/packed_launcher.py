@@ -75,17 +75,26 @@ def plan_packs(keys: Sequence[str | None], max_pack_size: int) -> list[list[int]
     return packs
 
 
-def check_options(max_pack_size: Any) -> None:
-    if isinstance(max_pack_size, bool) or not isinstance(max_pack_size, int) or max_pack_size < 1:
+def check_options(max_pack_size: Any, replicas_per_pass: Any = "auto") -> None:
+    if not _positive_int(max_pack_size):
         raise ConfigError(
             f"hydra.launcher.max_pack_size={max_pack_size!r}: must be an integer >= 1"
         )
+    if replicas_per_pass != "auto" and not _positive_int(replicas_per_pass):
+        raise ConfigError(
+            f"hydra.launcher.replicas_per_pass={replicas_per_pass!r}: must be auto or an "
+            "integer >= 1"
+        )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
     """The launcher's ``launch``: returns one ``JobReturn`` per job, in sweep order."""
     try:
-        check_options(launcher.max_pack_size)
+        check_options(launcher.max_pack_size, launcher.replicas_per_pass)
     except ConfigError as err:  # before any job: one line and the config error's exit code
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
@@ -111,7 +120,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     returns: list[JobReturn | None] = [None] * len(configs)
     for number, members in enumerate(packs, 1):
         log.info("Pack %d: training %d jobs as one batched model", number, len(members))
-        pack = Pack()
+        pack = Pack(launcher.replicas_per_pass)
         jobs = [
             (
                 names[i],

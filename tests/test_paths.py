@@ -6,12 +6,16 @@ One job (tiny model, real MNIST, 20 steps) trained along every path dreg offers:
 * alone at four steps per call (:mod:`dreg.grouped_step`);
 * packed as a cohort of one (``hydra.launcher.max_pack_size=1``: a pack of one job);
 * packed beside other jobs (every job of the sweep in one stacked cohort);
+* the same, its forward and backward in passes of one replica
+  (``hydra.launcher.replicas_per_pass=1``, what ``auto`` picks for large models on a CPU);
 
 crossed with the callbacks that read gradients ({default, ``grad_stats``,
 ``estimator_compare``}) and the non-finite policy ({raise, skip}). Each path's job must end
 with the reference's trained parameters and Adam state, and log the reference's statistics:
 bitwise where the path is bitwise by design (grouped steps, a cohort of one), float32
-round-off where a stacked model sums its batched products in another order.
+round-off where a stacked model sums its batched products in another order (or, in passes of
+one, where the fused Adam of the config treats a stacked tensor's elements in other SIMD
+lanes than one replica's: ``tests/test_pack.py`` shows passes of one bitwise with foreach Adam).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ PATHS = {
     "alone, 4 steps per call": ["model.steps_per_call=4"],
     "packed, cohort of one": [*PACKED, "hydra.launcher.max_pack_size=1"],
     "packed beside other jobs": PACKED,
+    "packed, in passes of one replica": [*PACKED, "hydra.launcher.replicas_per_pass=1"],
 }
 BITWISE = {"alone, 4 steps per call", "packed, cohort of one"}
 

@@ -18,10 +18,13 @@ class PackedLauncher(Launcher):
     """Options (``conf/hydra/launcher/packed.yaml``).
 
     :param max_pack_size: most jobs in one pack (memory grows with it); see :mod:`dreg.pack`.
+    :param replicas_per_pass: a stacked eager step's forward and backward in passes of this
+        many replicas, or ``auto``; see :func:`dreg.cohort.replicas_per_pass`.
     """
 
-    def __init__(self, max_pack_size: int = 48) -> None:
+    def __init__(self, max_pack_size: int = 48, replicas_per_pass: int | str = "auto") -> None:
         self.max_pack_size = max_pack_size
+        self.replicas_per_pass = replicas_per_pass
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
