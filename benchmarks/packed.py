@@ -19,7 +19,8 @@ Two settings (``--setting``):
 * ``host``: latent 2, hidden [8], K 4, batch 32, M 48: a step whose arithmetic is tiny, so
   its cost is the host work a GPU also pays (the issue's target: pack >= 0.8x loop);
 * ``paper``: the paper's 784-200-200-50 VAE, K 64, M 4 (target: a pack's per-job step
-  <= 1.1x a solo step).
+  <= 1.0x a solo step; on a CPU the pack takes forward and backward one replica at a time,
+  ``hydra.launcher.replicas_per_pass=auto``).
 
     python -m benchmarks.packed --setting host --repeats 3
     python -m benchmarks.packed --setting paper --repeats 3

@@ -136,6 +136,7 @@ class Pack:
                     results[member.index] = err
                 finally:
                     member.finished = True
+                    self._discount_work_after_training(member)
                     self._run_if_all_waiting()
 
         threads = [
@@ -169,6 +170,20 @@ class Pack:
         for member in self._members:
             if member.trainer is not None:
                 request_stop(member.trainer)
+
+    def _discount_work_after_training(self, member: _Member) -> None:
+        """What a job did after its training (test, records) ran while the jobs still
+        training waited: their ``train_seconds`` should not count it, as a run alone's does
+        not count another run's test (each Timer's start moves on by that time)."""
+        ended = _train_clock(member.trainer, "end")
+        if ended is None:
+            return
+        after_training = time.monotonic() - ended
+        for other in self._members:
+            if other.finished or _train_clock(other.trainer, "end") is not None:
+                continue
+            if (started := _train_clock(other.trainer, "start")) is not None:
+                _start_train_clocks([other.trainer], started + after_training)
 
     def attach(self, trainer: Any) -> None:
         """The calling job trains with ``trainer`` (stop signals reach it through the pack)."""
@@ -211,12 +226,21 @@ class Pack:
         self._cond.notify_all()
 
 
-def _start_train_clocks(trainers: Sequence[Any]) -> None:
+def _start_train_clocks(trainers: Sequence[Any], at: float | None = None) -> None:
     """A pack's training starts when its last job is ready: the jobs are set up one after
     another, and a job's ``train_seconds`` (Lightning's ``Timer``) should not count the
-    others' set-up, as a run alone does not count its own."""
-    now = time.monotonic()
+    others' set-up, as a run alone does not count its own. ``at``: that time (default now)."""
+    at = time.monotonic() if at is None else at
     for trainer in trainers:
         for callback in trainer.callbacks:
             if isinstance(callback, Timer):
-                callback._start_time[RunningStage.TRAINING] = now
+                callback._start_time[RunningStage.TRAINING] = at
+
+
+def _train_clock(trainer: Any, which: str) -> float | None:
+    """The ``start`` or ``end`` of a job's training by its ``Timer`` (``None``: not yet)."""
+    for callback in getattr(trainer, "callbacks", ()):
+        if isinstance(callback, Timer):
+            times = callback._start_time if which == "start" else callback._end_time
+            return times[RunningStage.TRAINING]
+    return None

@@ -497,10 +497,10 @@ class Replicas:
         """:meth:`_loss` and its backward for one pass of replicas after another, the
         gradients written into the stacked tensors' ``.grad`` (returns as :meth:`_loss`, the
         loss summed). Why: on a CPU a pack of large models is slower per replica than one
-        model alone once the step's activations outgrow the cache (paper model, M = 4:
-        1.25x); in passes each replica's activations are used while they are still there.
-        A replica's gradient is its own loss's alone, so passes change no replica's
-        numbers (``tests/test_paths.py``)."""
+        model alone once the step's activations outgrow the cache (paper model, M = 4: 1.20x
+        in one pass, 1.03x in passes of one); in passes each replica's activations are used
+        while they are still there. A replica's gradient is its own loss's alone, so passes
+        change no replica's gradient (``tests/test_pack.py``, ``tests/test_paths.py``)."""
         params, buffers = self._stacked
         trained = [name for name, p in params.items() if p.requires_grad]
         if "_pass_grad_buffers" not in self.__dict__:

@@ -18,12 +18,15 @@ import csv
 import json
 import math
 import signal
+import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.trainer.states import RunningStage
 
 from dreg.checkpointing import load_checkpoint
 from dreg.cohort import OWN_PASS_BYTES, replicas_per_pass
@@ -31,6 +34,7 @@ from dreg.errors import EXIT_PREEMPTED, EXIT_SWEEP_FAILED, ConfigError
 from dreg.estimators import estimator_by_name, estimator_classes, routed_loss
 from dreg.lightning_module import DReGModule
 from dreg.model import VAE
+from dreg.pack import Pack, _Member
 from dreg.packed_launcher import check_options, plan_packs
 from dreg.report import write_report
 from dreg.run import main
@@ -417,6 +421,33 @@ def test_a_packed_jobs_checkpoint_serves_every_mode_and_loggers_stay_apart(tmp_p
         main(compose_config([*NO_PROGRESS_BAR, "debug=fast", "model.num_samples=4", *args,
                              f"ckpt_path={ckpt}"], run))  # fmt: skip
         assert json.loads((run / "status.json").read_text())["status"] == "completed", name
+
+
+def test_a_jobs_work_after_training_is_not_the_others_training_time():
+    """One thread of a pack runs at a time: while a job that finished training runs its
+    test and records, the jobs still training wait, and their ``train_seconds`` must not
+    count that wait (it is another run's test); a job whose training had ended keeps its
+    time."""
+
+    def job_clock(start: float, end: float | None) -> SimpleNamespace:
+        timer = Timer()
+        timer._start_time[RunningStage.TRAINING] = start
+        timer._end_time[RunningStage.TRAINING] = end
+        return SimpleNamespace(callbacks=[timer])
+
+    now = time.monotonic()
+    pack = Pack()
+    tested, training, ended = (
+        _Member(0, "tested", trainer=job_clock(now - 10, now - 4), finished=True),
+        _Member(1, "training", trainer=job_clock(now - 10, None)),
+        _Member(2, "ended", trainer=job_clock(now - 10, now - 4)),
+    )
+    pack._members = [tested, training, ended]
+    pack._discount_work_after_training(tested)  # its 4 s since training ended
+    started = training.trainer.callbacks[0].start_time("train")
+    assert now - 6 <= started <= time.monotonic() - 6 + 1e-3
+    assert ended.trainer.callbacks[0].time_elapsed("train") == pytest.approx(6)
+    assert tested.trainer.callbacks[0].time_elapsed("train") == pytest.approx(6)
 
 
 def test_a_bad_launcher_option_is_one_line_before_any_job(tmp_path):
