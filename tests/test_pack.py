@@ -32,6 +32,7 @@ from dreg.checkpointing import load_checkpoint
 from dreg.cohort import OWN_PASS_BYTES, replicas_per_pass
 from dreg.errors import EXIT_PREEMPTED, EXIT_SWEEP_FAILED, ConfigError
 from dreg.estimators import estimator_by_name, estimator_classes, routed_loss
+from dreg.hierarchical import TwoLayerVAE
 from dreg.lightning_module import DReGModule
 from dreg.model import VAE
 from dreg.pack import Pack, _Member
@@ -149,6 +150,28 @@ def test_a_stacked_copy_of_one_replica_gets_its_solo_gradient():
     seen, _, _ = packed_step([module], grey, [0])
     for g, w in zip(seen[0], want["grads"], strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_pass", [None, 1], ids=["one-pass", "passes-of-1"])
+@pytest.mark.parametrize("name", ["dreg_iwae", "iwae"])
+def test_the_two_layer_model_packs_with_its_solo_gradients(name, per_pass):
+    """The other model (two stochastic layers, its own ``propose`` and ``log_joint``):
+    one pass (vmap) and passes of one (its code on each replica's own tensors) both give
+    each replica the gradient of the same replica stepped alone, in float64."""
+
+    def job(seed: int) -> DReGModule:
+        torch.manual_seed(seed)
+        net = TwoLayerVAE(DX, latent_dims=(3, 2), hidden_dims=((7,), (5,))).double()
+        return DReGModule(net, estimator_by_name(name).double(),
+                          partial(torch.optim.Adam, lr=1e-2), num_samples=K)  # fmt: skip
+
+    torch.manual_seed(100)
+    grey = torch.rand(3, B, DX, dtype=torch.float64)
+    seen, _, _ = packed_step([job(s) for s in range(3)], grey, [0, 1, 2], per_pass)
+    for m in range(3):
+        want, _, _ = packed_step([job(m)], grey[m : m + 1], [m])
+        for got, ref in zip(seen[m], want[0], strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_a_pack_in_passes_of_one_trains_each_replica_bitwise_as_alone():
