@@ -55,6 +55,8 @@ PATHS = {
     "packed, in passes of one replica": [*PACKED, "hydra.launcher.replicas_per_pass=1"],
 }
 BITWISE = {"alone, 4 steps per call", "packed, cohort of one"}
+# The log line of the stacked cohort (dreg.cohort): auto keeps replicas this small in one pass.
+PASSES = {"packed beside other jobs": 6, "packed, in passes of one replica": 1}
 
 
 def sweep(where: Path, *overrides: str) -> Path:
@@ -114,6 +116,10 @@ def test_every_path_trains_the_reference_model(path, reference, tmp_path):
     else:
         where = sweep(tmp_path / "sweep", *PATHS[path])
         got_of = {job: where / job for job in JOBS}
+        if path in PASSES:  # the CLI's setting reached the stacked step
+            logs = "".join((where / job / "train.log").read_text() for job in JOBS)
+            line = f"A stacked model of 6 jobs: forward and backward in passes of {PASSES[path]}"
+            assert line in logs
     for job in JOBS:
         got, want = got_of[job], reference / job
         got_ckpt = load_checkpoint(got / "checkpoints" / "last.ckpt")
