@@ -160,7 +160,7 @@ class Cohorts:
     def __init__(self, replicas_per_pass: int | str = "auto") -> None:
         self._cohorts: dict[tuple[int, ...], Cohort] = {}  # by the ids of its jobs
         self.steps = 0  # joint steps taken
-        self.replicas_per_pass = replicas_per_pass  # of a stacked cohort's eager step
+        self.per_pass_setting = replicas_per_pass  # of a stacked cohort's eager step
 
     def run(self, requests: Sequence[Request]) -> None:
         """As many steps as every request still has, for all of them (one cohort after
@@ -196,7 +196,7 @@ class Cohorts:
             used.add(ids)
             if ids not in self._cohorts:
                 jobs = [r.job for r in members]
-                self._cohorts[ids] = _build_cohort(jobs, members[0].group, self.replicas_per_pass)
+                self._cohorts[ids] = _build_cohort(jobs, members[0].group, self.per_pass_setting)
             cohorts.append((self._cohorts[ids], members))
         for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
             del self._cohorts[ids]

@@ -175,14 +175,17 @@ class Pack:
         """What a job did after its training (test, records) ran while the jobs still
         training waited: their ``train_seconds`` should not count it, as a run alone's does
         not count another run's test (each Timer's start moves on by that time)."""
-        ended = _train_clock(member.trainer, "end")
-        if ended is None:
+        timer = _timer(member.trainer)
+        if timer is None or timer.end_time(RunningStage.TRAINING) is None:
             return
-        after_training = time.monotonic() - ended
+        after_training = time.monotonic() - timer.end_time(RunningStage.TRAINING)
         for other in self._members:
-            if other.finished or _train_clock(other.trainer, "end") is not None:
+            clock = _timer(other.trainer)
+            if other.finished or clock is None:
                 continue
-            if (started := _train_clock(other.trainer, "start")) is not None:
+            if clock.end_time(RunningStage.TRAINING) is not None:  # its training is over
+                continue
+            if (started := clock.start_time(RunningStage.TRAINING)) is not None:
                 _start_train_clocks([other.trainer], started + after_training)
 
     def attach(self, trainer: Any) -> None:
@@ -232,15 +235,10 @@ def _start_train_clocks(trainers: Sequence[Any], at: float | None = None) -> Non
     others' set-up, as a run alone does not count its own. ``at``: that time (default now)."""
     at = time.monotonic() if at is None else at
     for trainer in trainers:
-        for callback in trainer.callbacks:
-            if isinstance(callback, Timer):
-                callback._start_time[RunningStage.TRAINING] = at
+        if (timer := _timer(trainer)) is not None:
+            timer._start_time[RunningStage.TRAINING] = at  # Timer has no setter
 
 
-def _train_clock(trainer: Any, which: str) -> float | None:
-    """The ``start`` or ``end`` of a job's training by its ``Timer`` (``None``: not yet)."""
-    for callback in getattr(trainer, "callbacks", ()):
-        if isinstance(callback, Timer):
-            times = callback._start_time if which == "start" else callback._end_time
-            return times[RunningStage.TRAINING]
-    return None
+def _timer(trainer: Any) -> Timer | None:
+    """A job's ``Timer`` (what ``train_seconds`` reads), if its trainer has one."""
+    return next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, Timer)), None)

@@ -502,11 +502,11 @@ class Replicas:
         while they are still there. A replica's gradient is its own loss's alone, so passes
         change no replica's gradient (``tests/test_pack.py``, ``tests/test_paths.py``)."""
         params, buffers = self._stacked
-        trained = [name for name, p in params.items() if p.requires_grad]
-        if "_pass_grad_buffers" not in self.__dict__:
-            self._pass_grad_buffers = {name: torch.empty_like(params[name]) for name in trained}
-        grads: dict[str, Tensor | None] = dict(self._pass_grad_buffers)
-        extra_grads: dict[int, Tensor | None] = {}
+        if "_pass_grads" not in self.__dict__:  # one gradient buffer per trained tensor
+            trained = {name: p for name, p in params.items() if p.requires_grad}
+            self._pass_grads = {name: torch.empty_like(p) for name, p in trained.items()}
+        trained = list(self._pass_grads)
+        grads: dict[str, Tensor | None] = dict(self._pass_grads)
         outputs = []
         for replicas, groups in zip(self.passes, self.pass_groups, strict=True):
             rows = slice(replicas.start, replicas.stop)
@@ -524,12 +524,10 @@ class Replicas:
                 elif grads[name] is not None:
                     grads[name][part] = grad
             for i, grad in zip(extra, pass_grads[len(trained) :], strict=True):
-                extra_grads[i] = grad
+                self.extra[i][0].grad = grad  # a replica's own tensor: no other pass has it
             outputs.append(out)
         for name in trained:
             params[name].grad = grads[name]
-        for i, grad in extra_grads.items():
-            self.extra[i][0].grad = grad
         loss, log_w, objective, score = zip(*outputs, strict=True)
         return (
             torch.stack([part.detach() for part in loss]).sum(),

@@ -22,6 +22,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 
 
 class StopAtStep(pl.Callback):
@@ -35,8 +37,7 @@ class StopAtStep(pl.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
-CONF_DIR = ROOT / "conf"
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
+
 
 # The configs' progress bar, silenced (refresh_rate=0 disables it) so that no tqdm output
 # reaches the test output or a subprocess's captured stderr. Removing the callback instead
