@@ -140,7 +140,11 @@ def markdown(results: dict) -> str:
         + ", ".join(f"{p / lp:.2f}" for p, lp in zip(results['rates']['pack'],
                                                      results['rates']['loop'], strict=True))
         + ")",
-        f"- a packed job's step / its step alone: **{per_step['pack'] / per_step['solo']:.2f}x**",
+        f"- a packed job's step / its step alone: **{per_step['pack'] / per_step['solo']:.2f}x** "
+        "(in each repetition: "
+        + ", ".join(f"{s / p:.2f}" for s, p in zip(results['rates']['solo'],
+                                                   results['rates']['pack'], strict=True))
+        + ")",
     ]  # fmt: skip
     if results["name"] == "paper":
         lines.append(f"- the paper's grid (48 runs x 5M steps) at the pack's rate: "
