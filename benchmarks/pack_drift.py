@@ -8,14 +8,19 @@ float round-off, which training then carries along. The control: the same runs a
 threads instead of one, whose products also sum in another order, and nothing else changes.
 
     python -m benchmarks.pack_drift --steps 1000
+    python -m benchmarks.pack_drift --steps 1000 hydra.launcher.replicas_per_pass=2
 
-Writes ``benchmarks/results/pack_drift_<device>.{json,md}``. Needs ``DREG_DATA_DIR``.
+Overrides after the options go to the packed sweep only (the second line: the two jobs as one
+stacked model, where ``auto`` steps each of these large replicas alone, in place, on a CPU).
+Writes ``benchmarks/results/pack_drift_<device>[_<overrides>].{json,md}``. Needs
+``DREG_DATA_DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from dreg.checkpointing import load_checkpoint
 SEEDS = (0, 1)
 
 
-def sweep(out: Path, steps: int, packed: bool, threads: int) -> None:
+def sweep(out: Path, steps: int, packed: bool, threads: int, overrides: list[str]) -> None:
     args = [
         "train.py", "-m", f"seed={','.join(map(str, SEEDS))}", "estimator=dreg_iwae",
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
@@ -37,7 +42,7 @@ def sweep(out: Path, steps: int, packed: bool, threads: int) -> None:
         f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${hydra:job.num}",
     ]  # fmt: skip
     if packed:
-        args.append("hydra/launcher=packed")
+        args += ["hydra/launcher=packed", *overrides]
     run([sys.executable, *args], threads)
 
 
@@ -72,7 +77,9 @@ def markdown(results: dict) -> str:
         f"({ctx['device_name']}, torch {ctx['torch']})",
         "",
         f"{ctx['when']}; the paper's VAE, DReG-IWAE, K 64, batch 32, Adam 3e-4, fp32; seeds "
-        f"{', '.join(map(str, SEEDS))} alone and as one pack of {len(SEEDS)}.",
+        f"{', '.join(map(str, SEEDS))} alone and as one pack of {len(SEEDS)}"
+        + (f" ({' '.join(results['overrides'])})" if results.get("overrides") else "")
+        + ".",
         "",
         "| seed, against the run alone | relative L2 difference of all parameters | "
         "max abs parameter difference (largest parameter) | test LL alone | test LL other |",
@@ -102,22 +109,25 @@ def main() -> None:
         default=ROOT / "outputs" / "pack_drift",
         help="sweep folders (a sweep already finished there is reused)",
     )
+    parser.add_argument("overrides", nargs="*", help="more train.py overrides (packed sweep)")
     args = parser.parse_args()
-    alone, packed = args.out / f"alone{args.steps}", args.out / f"packed{args.steps}"
+    tag = "".join("_" + re.sub(r"[^A-Za-z0-9]+", "_", o) for o in args.overrides)
+    alone, packed = args.out / f"alone{args.steps}", args.out / f"packed{args.steps}{tag}"
     control = args.out / f"alone{args.steps}_threads{args.threads + 1}"
     runs = ((alone, False, args.threads), (packed, True, args.threads),
             (control, False, args.threads + 1))  # fmt: skip
     for folder, is_packed, threads in runs:
         if not all((folder / str(i) / "metrics.json").exists() for i in range(len(SEEDS))):
-            sweep(folder, args.steps, is_packed, threads)
+            sweep(folder, args.steps, is_packed, threads, args.overrides)
     jobs = {str(s): compare(alone / str(i), packed / str(i)) for i, s in enumerate(SEEDS)}
     controls = {str(s): compare(alone / str(i), control / str(i)) for i, s in enumerate(SEEDS)}
     results = {
         "context": measurement_context("cpu", 1, args.steps),
         "jobs": jobs,
         "control_more_threads": controls,
+        "overrides": args.overrides,
     }
-    write_results("pack_drift_cpu", results, markdown(results))
+    write_results(f"pack_drift_cpu{tag}", results, markdown(results))
 
 
 if __name__ == "__main__":

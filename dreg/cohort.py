@@ -2,10 +2,11 @@
 
 A training call of a job asks for a run of optimizer steps (a :class:`Request`: its
 ``BatchGroup`` of ``model.steps_per_call`` batches). :class:`Cohorts` takes the steps of any
-number of requests together: it sorts the jobs into cohorts (jobs whose replicas can share
-one stacked model and optimizer), steps every cohort once per step, counts each job's step,
-stops when a job is asked to stop, and reads the device flags once at the end of the run
-(:meth:`dreg.step.Replicas.faults`). A run alone is a pack of one: one request, one cohort of
+number of requests together: it sorts the jobs into cohorts (jobs whose replicas share one
+stacked model and optimizer; alike jobs beyond ``hydra.launcher.replicas_per_pass`` go in
+further cohorts, and a cohort of one steps its job alone, in place), steps every cohort once
+per step, counts each job's step, stops when a job is asked to stop, and reads the device
+flags once at the end of the run (:meth:`dreg.step.Replicas.faults`). A run alone is a pack of one: one request, one cohort of
 one, whose replica is the module itself (:meth:`dreg.step.Replicas.alone`), stepped with
 Lightning's ``manual_backward`` where DDP or a backward hook needs it. A pack
 (:mod:`dreg.pack`) hands it every waiting job's request at its barrier.
@@ -39,9 +40,9 @@ from dreg.step import Job, Replicas, Split
 
 log = logging.getLogger(__name__)
 
-#: ``replicas_per_pass=auto`` on a CPU: a replica whose decoder output ``[K, B, D]`` takes at
-#: least this many bytes gets a pass of its own (the paper model at K = 64: 6.4 MB), smaller
-#: ones share one pass (docs/benchmarks.md, "Packed sweeps": passes).
+#: ``replicas_per_pass=auto`` on a CPU: a job whose decoder output ``[K, B, D]`` takes at
+#: least this many bytes steps alone, in place (the paper model at K = 64: 6.4 MB); smaller
+#: ones share one stacked model (docs/benchmarks.md, "Packed sweeps").
 OWN_PASS_BYTES = 2 * 2**20
 
 
@@ -160,7 +161,7 @@ class Cohorts:
     def __init__(self, replicas_per_pass: int | str = "auto") -> None:
         self._cohorts: dict[tuple[int, ...], Cohort] = {}  # by the ids of its jobs
         self.steps = 0  # joint steps taken
-        self.per_pass_setting = replicas_per_pass  # of a stacked cohort's eager step
+        self.per_pass_setting = replicas_per_pass  # how many alike jobs one stack takes
 
     def run(self, requests: Sequence[Request]) -> None:
         """As many steps as every request still has, for all of them (one cohort after
@@ -191,16 +192,34 @@ class Cohorts:
         for request in requests:
             by_key.setdefault(cohort_key(request.job), []).append(request)
         cohorts, used = [], set()
-        for members in by_key.values():
-            ids = tuple(id(r.job) for r in members)
-            used.add(ids)
-            if ids not in self._cohorts:
-                jobs = [r.job for r in members]
-                self._cohorts[ids] = _build_cohort(jobs, members[0].group, self.per_pass_setting)
-            cohorts.append((self._cohorts[ids], members))
+        for alike in by_key.values():
+            for members in self._stacks(alike):
+                ids = tuple(id(r.job) for r in members)
+                used.add(ids)
+                if ids not in self._cohorts:
+                    self._cohorts[ids] = _build_cohort([r.job for r in members], members[0].group)
+                    if len(alike) > 1:
+                        self._log_stack(len(members), len(alike))
+                cohorts.append((self._cohorts[ids], members))
         for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
             del self._cohorts[ids]
         return cohorts
+
+    def _stacks(self, alike: list[Request]) -> list[list[Request]]:
+        """Jobs that could share one stacked model, in stacks of ``replicas_per_pass``
+        (:func:`replicas_per_pass`); a compiled or captured step stays one graph for all."""
+        jobs = [r.job for r in alike]
+        if len(jobs) == 1 or jobs[0].compiles_step() or all(j.wants_captured_step() for j in jobs):
+            return [alike]
+        size = replicas_per_pass(self.per_pass_setting, jobs, alike[0].group)
+        return [alike[i : i + size] for i in range(0, len(alike), size)]
+
+    def _log_stack(self, size: int, alike: int) -> None:
+        setting = f"hydra.launcher.replicas_per_pass={self.per_pass_setting}"
+        if size == 1:
+            log.info("A job of %d alike ones steps alone, in place (%s)", alike, setting)
+        else:
+            log.info("%d of %d alike jobs share one stacked model (%s)", size, alike, setting)
 
 
 def _close_run(replicas: Replicas, members: list[Request], taken: int, stopped: bool) -> None:
@@ -227,14 +246,15 @@ def _close_run(replicas: Replicas, members: list[Request], taken: int, stopped: 
 
 
 def replicas_per_pass(setting: int | str, jobs: Sequence[TrainingJob], group: BatchGroup) -> int:
-    """How many replicas a stacked cohort's eager step takes through forward and backward
-    at once (``hydra.launcher.replicas_per_pass``). ``auto``: all of them on an accelerator
-    (one launch per operator for the whole pack is what packing buys there); on a CPU one
-    at a time once a replica's decoder output ``[K, B, D]`` takes ``OWN_PASS_BYTES``: a
-    stack of such replicas outgrows the cache and costs more per replica than one alone
-    (the paper model, M = 4: a packed job's step 1.20x its step alone in one pass, 1.0-1.03x
-    in passes of one), while small replicas gain from sharing a pass (tiny model, M = 48:
-    925 model-steps/s in one pass, 438 in passes of one)."""
+    """How many of ``jobs`` (alike: they could share one stacked model) an eager stacked
+    step takes through forward and backward at once (``hydra.launcher.replicas_per_pass``);
+    the rest go in further stacks, and a stack of one is the job stepped alone, in place.
+    ``auto``: all of them on an accelerator (one launch per operator for the whole pack is
+    what packing buys there); on a CPU one at a time once a replica's decoder output
+    ``[K, B, D]`` takes ``OWN_PASS_BYTES``: a stack of such replicas outgrows the cache and
+    costs more per replica than one alone (the paper model, M = 4: a packed job's step 1.20x
+    its step alone in one stack), while small replicas gain from sharing a step (tiny model,
+    M = 48: 925 model-steps/s in one stack, ~430 one at a time)."""
     if setting != "auto":
         return min(int(setting), len(jobs))
     first = next(jobs[0].net.parameters())
@@ -245,9 +265,7 @@ def replicas_per_pass(setting: int | str, jobs: Sequence[TrainingJob], group: Ba
     return 1 if k * batch * width * first.element_size() >= OWN_PASS_BYTES else len(jobs)
 
 
-def _build_cohort(
-    jobs: list[TrainingJob], group: BatchGroup, per_pass_setting: int | str = "auto"
-) -> Cohort:
+def _build_cohort(jobs: list[TrainingJob], group: BatchGroup) -> Cohort:
     """One stacked model for ``jobs``; a cohort of one trains in place, as a run alone."""
     optimizers = [job.training_optimizer() for job in jobs]
     settings = jobs[0].step_settings()
@@ -257,13 +275,7 @@ def _build_cohort(
         replicas = Replicas.alone(jobs[0], optimizers[0], jobs[0].noise, **settings)
         backward = jobs[0].lone_backward()
     else:
-        # Passes are the eager step's: a compiled or captured step is one graph for all.
-        eager = not (compiled or captured)
-        per_pass = replicas_per_pass(per_pass_setting, jobs, group) if eager else len(jobs)
-        replicas = Replicas.stacked(jobs, optimizers, [job.noise for job in jobs],
-                                    replicas_per_pass=per_pass, **settings)  # fmt: skip
-        log.info("A stacked model of %d jobs: forward and backward in passes of %d",
-                 len(jobs), per_pass)  # fmt: skip
+        replicas = Replicas.stacked(jobs, optimizers, [job.noise for job in jobs], **settings)
         backward = Tensor.backward
     for m, job in enumerate(jobs):
         if job.observes_gradients():

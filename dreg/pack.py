@@ -8,8 +8,8 @@ a barrier (:meth:`Pack.train`), and once every unfinished job waits there, the p
 those steps for all of them at once through :class:`dreg.cohort.Cohorts`, the run of steps
 that a run alone takes too: the replicas' parameters stacked ``[M, ...]``
 (:class:`dreg.step.Replicas`), the model's own code under ``torch.func.vmap``, one backward,
-one optimizer step for all (on a CPU, large replicas take forward and backward one at a
-time: ``hydra.launcher.replicas_per_pass``, :func:`dreg.cohort.replicas_per_pass`). So a
+one optimizer step for all (on a CPU, large replicas step one at a time, each alone in
+place: ``hydra.launcher.replicas_per_pass``, :func:`dreg.cohort.replicas_per_pass`). So a
 step's host work (Lightning's loop, the optimizer, the non-finite check, the thread hand-off)
 is paid once per pack and run of steps, not once per job and step.
 

@@ -24,9 +24,6 @@ evaluated for all replicas at once with :func:`torch.func.vmap` over
 is one physical tensor, so the routing hook of :func:`~dreg.estimators.routed_loss` sits on
 it as for one model: the replicas' particles are laid side by side as a batch of M * B data
 points (``[K, M * B]``), and estimators, which act column by column, need no change.
-An eager stacked step may take its forward and backward in passes of fewer replicas
-(``hydra.launcher.replicas_per_pass``, :meth:`Replicas._in_passes`): a pass of one calls the
-model on that replica's own tensors without ``vmap``, the very products of a run alone.
 
 Random numbers: every replica draws its binarization and latent noise from its own
 ``torch.Generator``, outside ``vmap``, in the same order alone or packed, so a job's draws
@@ -145,7 +142,6 @@ class Replicas:
         clip_norm: float | None = None,
         extra: Sequence[tuple[Tensor, int]] = (),
         leaves: Sequence[Tensor] | None = None,
-        replicas_per_pass: int | None = None,
     ) -> None:
         self.net, self.params, self.buffers = net, params, buffers
         # The tensors that own the gradients and the optimizer state: ``params`` itself when
@@ -156,21 +152,10 @@ class Replicas:
         self.num_samples, self.antithetic, self.train_model = num_samples, antithetic, train_model
         self.clip_norm, self.extra = clip_norm, list(extra)
         self.size = len(self.specs)
-        # Eager stacked steps take forward and backward in passes of this many replicas.
-        per_pass = min(replicas_per_pass or self.size, self.size)
-        self.passes = [
-            range(lo, min(lo + per_pass, self.size)) for lo in range(0, self.size, per_pass)
-        ]
         first = next(iter(params.values()))
         self.device = first.device
         self.noise_dim = int(getattr(net, "noise_dim", getattr(net, "latent_dim", 0)))
         self.groups = estimator_groups([s.estimator for s in self.specs])
-        # Per pass, its estimator groups with replica indices counted from the pass's first.
-        self.pass_groups = [
-            [(e, max(start, r.start) - r.start, min(stop, r.stop) - r.start)
-             for e, start, stop in self.groups if start < r.stop and stop > r.start]
-            for r in self.passes
-        ]  # fmt: skip
         skip = [s.skip_nonfinite for s in self.specs]
         self.skip = torch.tensor(skip, device=self.device)
         # Device flags, reset by start_run: a run of steps reads them once (faults()).
@@ -298,31 +283,22 @@ class Replicas:
         self.step_in_run.zero_()
         self.alive.fill_(True)
 
-    def particles(
-        self, x: Tensor, context: Tensor | None, eps: Tensor, stacked: tuple | None = None
-    ) -> Particles:
+    def particles(self, x: Tensor, context: Tensor | None, eps: Tensor) -> Particles:
         """Particles of every replica, side by side: ``log_p`` etc. ``[K, M * B]``.
 
         :param x: ``[M, B, Dx]``; ``context``: ``[M, B, C]`` or ``None``; ``eps``:
             ``[M, K, B, noise_dim]``.
-        :param stacked: ``(params, buffers)`` of the replicas of a pass (default: all):
-            slices ``[m, ...]``, or for a pass of one replica its own tensors.
         """
         m, b = x.shape[:2]
         k = eps.shape[1]
         lean = self._lean_proposal()  # no replica's estimator has a score term
-        params, buffers = stacked or self.__dict__.get("_stacked", (None, None))
-        if self.direct or (stacked is not None and m == 1):
-            if self.direct:
-                propose, log_joint = self._propose, self.net.log_joint
-            else:  # one replica without vmap: the very products that it takes alone
-                propose = functools.partial(self._call, "propose", params, buffers)
-                log_joint = functools.partial(self._call, "log_joint", params, buffers)
+        if self.direct:
             x0, c0 = x[0], None if context is None else context[0]
-            z, log_q_stopped, log_q_stop_z = propose(x0, c0, eps[0], *[False] * lean)
+            z, log_q_stopped, log_q_stop_z = self._propose(x0, c0, eps[0], *[False] * lean)
             z_for_p = z.view_as(z)
-            log_p = log_joint(x0, z_for_p, c0)
+            log_p = self.net.log_joint(x0, z_for_p, c0)
             return Particles(log_p, log_q_stopped, log_q_stop_z, z_for_p)
+        params, buffers = self._stacked
         propose, log_joint = self._vmapped_calls(context is not None, lean)
         z, log_q_stopped, *score = propose(params, buffers, x, context, eps)
         log_q_stop_z = score[0] if score else None
@@ -370,12 +346,12 @@ class Replicas:
             )
         return self._vmapped[key]
 
-    def weights(self, log_w: Tensor, groups: list | None = None) -> GradientWeights:
-        """Each replica's estimator on its own columns of ``log_w [K, M * B]``; ``groups``:
-        a pass's (default: every replica's, :func:`estimator_groups`)."""
-        groups = self.groups if groups is None else groups
-        b = log_w.shape[1] // groups[-1][2]
-        parts = [estimator(log_w[:, start * b : stop * b]) for estimator, start, stop in groups]
+    def weights(self, log_w: Tensor) -> GradientWeights:
+        """Each replica's estimator on its own columns of ``log_w [K, M * B]``."""
+        b = log_w.shape[1] // self.size
+        parts = [
+            estimator(log_w[:, start * b : stop * b]) for estimator, start, stop in self.groups
+        ]
         if len(parts) == 1:
             return parts[0]
         aux = [p.aux_loss for p in parts if p.aux_loss is not None]
@@ -415,15 +391,12 @@ class Replicas:
         x, context = split(bits)
         self.last = (x, context, eps)
         compiled = self.__dict__.get("_compiled")
-        if len(self.passes) > 1 and not compiled:
-            loss, log_w, objective, log_q_stop_z = self._in_passes(x, context, eps)
-        else:
-            loss, log_w, objective, log_q_stop_z = (compiled[0] if compiled else self._loss)(
-                x, context, eps
-            )
-            for tensor in self.optimized:  # optimizer.zero_grad()'s work, in a tenth of its time
-                tensor.grad = None
-            backward(loss)
+        loss, log_w, objective, log_q_stop_z = (compiled[0] if compiled else self._loss)(
+            x, context, eps
+        )
+        for tensor in self.optimized:  # optimizer.zero_grad()'s work, in a tenth of its time
+            tensor.grad = None
+        backward(loss)
         if compiled and not self.observers and self.optimizer.state:
             compiled[1](log_w, objective, log_q_stop_z, None)
             return
@@ -469,72 +442,21 @@ class Replicas:
         return self
 
     def _loss(
-        self,
-        x: Tensor,
-        context: Tensor | None,
-        eps: Tensor,
-        stacked: tuple | None = None,
-        groups: list | None = None,
+        self, x: Tensor, context: Tensor | None, eps: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(loss, log_w, objective, log q(stop z) or None)``: the forward of a step, of
-        every replica or (``stacked``, ``groups``) of a pass's."""
-        particles = self.particles(x, context, eps, stacked)
+        """``(loss, log_w, objective, log q(stop z) or None)``: the forward of a step."""
+        particles = self.particles(x, context, eps)
         log_w = particles.log_w
-        weights = self.weights(log_w, groups)
+        weights = self.weights(log_w)
         aux, weights.aux_loss = weights.aux_loss, None
         # routed_loss averages over the M * B columns; each replica's loss is its batch mean.
         loss = routed_loss(particles, weights, self.train_model)
-        if x.shape[0] > 1:
-            loss = loss * x.shape[0]
+        if self.size > 1:
+            loss = loss * self.size
         if aux is not None:
             loss = loss + aux
         score = particles.log_q_stop_z
         return loss, log_w, weights.objective, None if score is None else score.detach()
-
-    def _in_passes(
-        self, x: Tensor, context: Tensor | None, eps: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """:meth:`_loss` and its backward for one pass of replicas after another, the
-        gradients written into the stacked tensors' ``.grad`` (returns as :meth:`_loss`, the
-        loss summed). Why: on a CPU a pack of large models is slower per replica than one
-        model alone once the step's activations outgrow the cache (paper model, M = 4: 1.20x
-        in one pass, 1.03x in passes of one); in passes each replica's activations are used
-        while they are still there. A replica's gradient is its own loss's alone, so passes
-        change no replica's gradient (``tests/test_pack.py``, ``tests/test_paths.py``)."""
-        params, buffers = self._stacked
-        if "_pass_grads" not in self.__dict__:  # one gradient buffer per trained tensor
-            trained = {name: p for name, p in params.items() if p.requires_grad}
-            self._pass_grads = {name: torch.empty_like(p) for name, p in trained.items()}
-        trained = list(self._pass_grads)
-        grads: dict[str, Tensor | None] = dict(self._pass_grads)
-        outputs = []
-        for replicas, groups in zip(self.passes, self.pass_groups, strict=True):
-            rows = slice(replicas.start, replicas.stop)
-            part = replicas.start if len(replicas) == 1 else rows  # one: its own tensors
-            views = {name: p[part] for name, p in params.items()}
-            stacked = (views, {name: b[part] for name, b in buffers.items()})
-            inputs = (x[rows], None if context is None else context[rows], eps[rows])
-            out = self._loss(*inputs, stacked, groups)
-            extra = [i for i, (_, m) in enumerate(self.extra) if m in replicas]
-            wrt = [views[name] for name in trained] + [self.extra[i][0] for i in extra]
-            pass_grads = torch.autograd.grad(out[0], wrt, allow_unused=True)
-            for name, grad in zip(trained, pass_grads, strict=False):
-                if grad is None:  # unused: no gradient, as a single backward leaves it
-                    grads[name] = None
-                elif grads[name] is not None:
-                    grads[name][part] = grad
-            for i, grad in zip(extra, pass_grads[len(trained) :], strict=True):
-                self.extra[i][0].grad = grad  # a replica's own tensor: no other pass has it
-            outputs.append(out)
-        for name in trained:
-            params[name].grad = grads[name]
-        loss, log_w, objective, score = zip(*outputs, strict=True)
-        return (
-            torch.stack([part.detach() for part in loss]).sum(),
-            torch.cat(log_w, 1),
-            torch.cat(objective),
-            None if score[0] is None else torch.cat(score, 1),
-        )
 
     def _update(
         self,

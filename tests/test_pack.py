@@ -29,7 +29,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.trainer.states import RunningStage
 
 from dreg.checkpointing import load_checkpoint
-from dreg.cohort import OWN_PASS_BYTES, replicas_per_pass
+from dreg.cohort import OWN_PASS_BYTES, Cohorts
 from dreg.errors import EXIT_PREEMPTED, EXIT_SWEEP_FAILED, ConfigError
 from dreg.estimators import estimator_by_name, estimator_classes, routed_loss
 from dreg.hierarchical import TwoLayerVAE
@@ -92,15 +92,11 @@ def library_step(module: DReGModule, grey: torch.Tensor, seed: int) -> dict:
     }
 
 
-def packed_step(
-    modules: list[DReGModule], grey: torch.Tensor, seeds: list[int], per_pass: int | None = None
-) -> tuple:
-    """One step of the modules as one stacked model (forward and backward in passes of
-    ``per_pass`` replicas); each replica's gradient as it was before the update, and the
-    replicas."""
+def packed_step(modules: list[DReGModule], grey: torch.Tensor, seeds: list[int]) -> tuple:
+    """One step of the modules as one stacked model; each replica's gradient as it was
+    before the update, and the replicas."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     replicas = Replicas.stacked(modules, [optimizer_of(m) for m in modules], generators,
-                                replicas_per_pass=per_pass,
                                 **modules[0].step_settings())  # fmt: skip
     seen: dict[int, list[torch.Tensor]] = {}
 
@@ -118,12 +114,10 @@ def packed_step(
     return seen, replicas, generators
 
 
-@pytest.mark.parametrize("per_pass", [None, 1, 3], ids=["one-pass", "passes-of-1", "passes-of-3"])
 @pytest.mark.parametrize("context_dim", [0, C], ids=["mnist-like", "struct-mnist-like"])
-def test_every_estimator_in_one_pack_gets_its_solo_gradient(context_dim, per_pass):
-    """Also in passes (``hydra.launcher.replicas_per_pass``): of 1, and of 3, which cuts
-    runs of replicas with one estimator (each estimator twice, side by side: one call per
-    run) and ends with a shorter pass."""
+def test_every_estimator_in_one_pack_gets_its_solo_gradient(context_dim):
+    """Each estimator twice, side by side: runs of replicas with one estimator take one
+    call of it (:func:`dreg.step.estimator_groups`)."""
     names = sorted(estimator_classes()) * 2
     names.sort()
     seeds = list(range(len(names)))
@@ -131,8 +125,7 @@ def test_every_estimator_in_one_pack_gets_its_solo_gradient(context_dim, per_pas
     torch.manual_seed(100)
     grey = torch.rand(len(names), B, DX + context_dim, dtype=torch.float64)
     want = [library_step(m, grey[i], seeds[i]) for i, m in enumerate(modules)]
-    seen, replicas, generators = packed_step(modules, grey, seeds, per_pass)
-    assert len(replicas.passes) == math.ceil(len(names) / (per_pass or len(names)))
+    seen, replicas, generators = packed_step(modules, grey, seeds)
     for i, name in enumerate(names):
         for g, w in zip(seen[i], want[i]["grads"], strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
@@ -152,12 +145,10 @@ def test_a_stacked_copy_of_one_replica_gets_its_solo_gradient():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("per_pass", [None, 1], ids=["one-pass", "passes-of-1"])
 @pytest.mark.parametrize("name", ["dreg_iwae", "iwae"])
-def test_the_two_layer_model_packs_with_its_solo_gradients(name, per_pass):
-    """The other model (two stochastic layers, its own ``propose`` and ``log_joint``):
-    one pass (vmap) and passes of one (its code on each replica's own tensors) both give
-    each replica the gradient of the same replica stepped alone, in float64."""
+def test_the_two_layer_model_packs_with_its_solo_gradients(name):
+    """The other model (two stochastic layers, its own ``propose`` and ``log_joint``) under
+    vmap gives each replica the gradient of the same replica stepped alone, in float64."""
 
     def job(seed: int) -> DReGModule:
         torch.manual_seed(seed)
@@ -167,67 +158,34 @@ def test_the_two_layer_model_packs_with_its_solo_gradients(name, per_pass):
 
     torch.manual_seed(100)
     grey = torch.rand(3, B, DX, dtype=torch.float64)
-    seen, _, _ = packed_step([job(s) for s in range(3)], grey, [0, 1, 2], per_pass)
+    seen, _, _ = packed_step([job(s) for s in range(3)], grey, [0, 1, 2])
     for m in range(3):
         want, _, _ = packed_step([job(m)], grey[m : m + 1], [m])
         for got, ref in zip(seen[m], want[0], strict=True):
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_a_pack_in_passes_of_one_trains_each_replica_bitwise_as_alone():
-    """A pass of one replica calls the net on that replica's own tensors, without vmap: the
-    very products of a run alone. With an optimizer that treats every element alike
-    (foreach Adam) each replica then ends bitwise where it ends alone, parameters and Adam
-    moments; one pass for all does not (its batched products sum in another order), which
-    shows that the check can fail."""
-    m, steps = 3, 4
-    torch.manual_seed(100)
-    grey = torch.rand(steps, m, B, DX)
+def test_jobs_are_stacked_replicas_per_pass_at_a_time():
+    """``hydra.launcher.replicas_per_pass``: jobs that could share one stacked model take
+    their steps in stacks of that many (the last one shorter); a stack of one is the job
+    trained in place, as alone. ``auto`` on a CPU: one stack for small replicas, one stack
+    per job once a replica's decoder output [K, B, D] reaches ``OWN_PASS_BYTES``. Compiled
+    steps stay one stack (one graph for all)."""
+    jobs = [replica("dreg_iwae", seed) for seed in range(5)]  # float64, K = 6
 
-    def bitwise_as_alone(per_pass: int | None) -> bool:
-        alone = [replica("dreg_iwae", seed).float() for seed in range(m)]
-        lone = [Replicas.alone(job, optimizer_of(job), torch.Generator().manual_seed(seed),
-                               **job.step_settings())
-                for seed, job in enumerate(alone)]  # fmt: skip
-        packed = [replica("dreg_iwae", seed).float() for seed in range(m)]
-        generators = [torch.Generator().manual_seed(seed) for seed in range(m)]
-        optimizers = [optimizer_of(j) for j in packed]
-        stack = Replicas.stacked(packed, optimizers, generators, replicas_per_pass=per_pass,
-                                 **packed[0].step_settings())  # fmt: skip
-        assert len(stack.passes) == (m if per_pass == 1 else 1)
-        for replicas in [stack, *lone]:
-            replicas.start_run()
-        for step in range(steps):
-            stack.step(grey[step], split, torch.Tensor.backward)
-            for i, replicas in enumerate(lone):
-                replicas.step(grey[step, i : i + 1], split, torch.Tensor.backward)
-        return all(
-            torch.equal(stack.params[name][i], p)
-            and torch.equal(
-                stack.optimizer.state[stack.params[name]][moment][i],
-                lone[i].optimizer.state[p][moment],
-            )  # fmt: skip
-            for i, job in enumerate(alone)
-            for name, p in job.net.named_parameters()
-            for moment in ("exp_avg", "exp_avg_sq")
-        )
-
-    assert bitwise_as_alone(1)
-    assert not bitwise_as_alone(None)
-
-
-def test_auto_passes_give_large_replicas_a_pass_each_on_a_cpu():
-    """``replicas_per_pass=auto``: one pass for small replicas, one replica per pass once a
-    replica's decoder output [K, B, D] reaches ``OWN_PASS_BYTES``; a number is taken as it is."""
-    jobs = [replica("dreg_iwae", seed) for seed in range(3)]  # float64, K = 6
-
-    def group(batch: int, width: int) -> SimpleNamespace:
-        return SimpleNamespace(rows=torch.zeros(2, batch), data=torch.zeros(4, width))
+    def stacks(setting: int | str, width: int) -> list[int]:
+        group = SimpleNamespace(rows=torch.zeros(2, 1), data=torch.zeros(4, width))
+        requests = [SimpleNamespace(job=job, group=group) for job in jobs]
+        return [len(stack) for stack in Cohorts(setting)._stacks(requests)]
 
     needed = -(-OWN_PASS_BYTES // (K * 8))  # B * D elements of float64 that reach it
-    assert replicas_per_pass("auto", jobs, group(1, needed - 1)) == 3
-    assert replicas_per_pass("auto", jobs, group(1, needed)) == 1
-    assert replicas_per_pass(2, jobs, group(1, needed)) == 2
+    assert stacks("auto", needed - 1) == [5]
+    assert stacks("auto", needed) == [1] * 5
+    assert stacks(2, needed - 1) == [2, 2, 1]
+    assert stacks(8, needed) == [5]
+    for job in jobs:
+        job.compile_mode = "step"
+    assert stacks(1, needed) == [5]
 
 
 def test_jobs_that_differ_in_k_are_refused_in_one_line():

@@ -6,16 +6,14 @@ One job (tiny model, real MNIST, 20 steps) trained along every path dreg offers:
 * alone at four steps per call (:mod:`dreg.grouped_step`);
 * packed as a cohort of one (``hydra.launcher.max_pack_size=1``: a pack of one job);
 * packed beside other jobs (every job of the sweep in one stacked cohort);
-* the same, its forward and backward in passes of one replica
-  (``hydra.launcher.replicas_per_pass=1``, what ``auto`` picks for large models on a CPU);
+* packed, one replica at a time (``hydra.launcher.replicas_per_pass=1``, what ``auto``
+  picks for large models on a CPU: each job steps alone, in place, in turn with the others);
 
 crossed with the callbacks that read gradients ({default, ``grad_stats``,
 ``estimator_compare``}) and the non-finite policy ({raise, skip}). Each path's job must end
 with the reference's trained parameters and Adam state, and log the reference's statistics:
-bitwise where the path is bitwise by design (grouped steps, a cohort of one), float32
-round-off where a stacked model sums its batched products in another order (or, in passes of
-one, where the fused Adam of the config treats a stacked tensor's elements in other SIMD
-lanes than one replica's: ``tests/test_pack.py`` shows passes of one bitwise with foreach Adam).
+bitwise where the path is bitwise by design (grouped steps, cohorts of one), float32
+round-off where a stacked model sums its batched products in another order.
 """
 
 from __future__ import annotations
@@ -52,11 +50,16 @@ PATHS = {
     "alone, 4 steps per call": ["model.steps_per_call=4"],
     "packed, cohort of one": [*PACKED, "hydra.launcher.max_pack_size=1"],
     "packed beside other jobs": PACKED,
-    "packed, in passes of one replica": [*PACKED, "hydra.launcher.replicas_per_pass=1"],
+    "packed, one replica at a time": [*PACKED, "hydra.launcher.replicas_per_pass=1"],
 }
-BITWISE = {"alone, 4 steps per call", "packed, cohort of one"}
-# The log line of the stacked cohort (dreg.cohort): auto keeps replicas this small in one pass.
-PASSES = {"packed beside other jobs": 6, "packed, in passes of one replica": 1}
+BITWISE = {"alone, 4 steps per call", "packed, cohort of one", "packed, one replica at a time"}
+# What dreg.cohort logs of the pack's stacks: auto keeps replicas this small in one.
+STACKS = {
+    "packed beside other jobs": "6 of 6 alike jobs share one stacked model "
+    "(hydra.launcher.replicas_per_pass=auto)",
+    "packed, one replica at a time": "A job of 6 alike ones steps alone, in place "
+    "(hydra.launcher.replicas_per_pass=1)",
+}
 
 
 def sweep(where: Path, *overrides: str) -> Path:
@@ -116,10 +119,9 @@ def test_every_path_trains_the_reference_model(path, reference, tmp_path):
     else:
         where = sweep(tmp_path / "sweep", *PATHS[path])
         got_of = {job: where / job for job in JOBS}
-        if path in PASSES:  # the CLI's setting reached the stacked step
+        if path in STACKS:  # the CLI's setting reached the run of steps
             logs = "".join((where / job / "train.log").read_text() for job in JOBS)
-            line = f"A stacked model of 6 jobs: forward and backward in passes of {PASSES[path]}"
-            assert line in logs
+            assert logs.count(STACKS[path]) == (6 if "one replica" in path else 1)
     for job in JOBS:
         got, want = got_of[job], reference / job
         got_ckpt = load_checkpoint(got / "checkpoints" / "last.ckpt")

@@ -18,8 +18,8 @@ class PackedLauncher(Launcher):
     """Options (``conf/hydra/launcher/packed.yaml``).
 
     :param max_pack_size: most jobs in one pack (memory grows with it); see :mod:`dreg.pack`.
-    :param replicas_per_pass: a stacked eager step's forward and backward in passes of this
-        many replicas, or ``auto``; see :func:`dreg.cohort.replicas_per_pass`.
+    :param replicas_per_pass: how many alike jobs share one stacked model (1: each steps
+        alone, in place), or ``auto``; see :func:`dreg.cohort.replicas_per_pass`.
     """
 
     def __init__(self, max_pack_size: int = 48, replicas_per_pass: int | str = "auto") -> None:
