@@ -6,10 +6,11 @@ number of requests together: it sorts the jobs into cohorts (jobs whose replicas
 stacked model and optimizer; alike jobs beyond ``hydra.launcher.replicas_per_pass`` go in
 further cohorts, and a cohort of one steps its job alone, in place), steps every cohort once
 per step, counts each job's step, stops when a job is asked to stop, and reads the device
-flags once at the end of the run (:meth:`dreg.step.Replicas.faults`). A run alone is a pack of one: one request, one cohort of
-one, whose replica is the module itself (:meth:`dreg.step.Replicas.alone`), stepped with
-Lightning's ``manual_backward`` where DDP or a backward hook needs it. A pack
-(:mod:`dreg.pack`) hands it every waiting job's request at its barrier.
+flags once at the end of the run (:meth:`dreg.step.Replicas.faults`). A run alone is a pack
+of one: one request, one cohort of one, whose replica is the module itself
+(:meth:`dreg.step.Replicas.alone`), stepped with Lightning's ``manual_backward`` where DDP
+or a backward hook needs it. A pack (:mod:`dreg.pack`) hands it every waiting job's request
+at its barrier.
 
 What else is wired here, once for every way to train:
 
@@ -193,14 +194,17 @@ class Cohorts:
             by_key.setdefault(cohort_key(request.job), []).append(request)
         cohorts, used = [], set()
         for alike in by_key.values():
-            for members in self._stacks(alike):
+            stacks = self._stacks(alike)
+            built = False
+            for members in stacks:
                 ids = tuple(id(r.job) for r in members)
                 used.add(ids)
                 if ids not in self._cohorts:
                     self._cohorts[ids] = _build_cohort([r.job for r in members], members[0].group)
-                    if len(alike) > 1:
-                        self._log_stack(len(members), len(alike))
+                    built = True
                 cohorts.append((self._cohorts[ids], members))
+            if built and len(alike) > 1:
+                self._log_stacks([len(members) for members in stacks])
         for ids in set(self._cohorts) - used:  # membership changed: restacked from the jobs
             del self._cohorts[ids]
         return cohorts
@@ -214,12 +218,16 @@ class Cohorts:
         size = replicas_per_pass(self.per_pass_setting, jobs, alike[0].group)
         return [alike[i : i + size] for i in range(0, len(alike), size)]
 
-    def _log_stack(self, size: int, alike: int) -> None:
+    def _log_stacks(self, sizes: list[int]) -> None:
+        """One line: how a group of alike jobs takes its steps."""
         setting = f"hydra.launcher.replicas_per_pass={self.per_pass_setting}"
-        if size == 1:
-            log.info("A job of %d alike ones steps alone, in place (%s)", alike, setting)
+        if len(sizes) == 1:
+            how = "share one stacked model"
+        elif max(sizes) == 1:
+            how = "step one at a time, each alone in place"
         else:
-            log.info("%d of %d alike jobs share one stacked model (%s)", size, alike, setting)
+            how = f"step as stacked models of {', '.join(map(str, sizes))} jobs"
+        log.info("%d alike jobs %s (%s)", sum(sizes), how, setting)
 
 
 def _close_run(replicas: Replicas, members: list[Request], taken: int, stopped: bool) -> None:

@@ -119,7 +119,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     returns: list[JobReturn | None] = [None] * len(configs)
     for number, members in enumerate(packs, 1):
-        log.info("Pack %d: training %d jobs as one batched model", number, len(members))
+        log.info("Pack %d: training %d jobs together", number, len(members))
         pack = Pack(launcher.replicas_per_pass)
         jobs = [
             (
