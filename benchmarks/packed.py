@@ -19,14 +19,16 @@ Two settings (``--setting``):
 * ``host``: latent 2, hidden [8], K 4, batch 32, M 48: a step whose arithmetic is tiny, so
   its cost is the host work a GPU also pays (the issue's target: pack >= 0.8x loop);
 * ``paper``: the paper's 784-200-200-50 VAE, K 64, M 4 (target: a pack's per-job step
-  <= 1.0x a solo step; on a CPU the pack takes forward and backward one replica at a time,
-  ``hydra.launcher.replicas_per_pass=auto``).
+  <= 1.0x a solo step; on a CPU each of these jobs steps alone, in place, in turn with the
+  others: ``hydra.launcher.replicas_per_pass=auto``).
 
     python -m benchmarks.packed --setting host --repeats 3
-    python -m benchmarks.packed --setting paper --repeats 3
+    python -m benchmarks.packed --setting paper --repeats 5 --steps 300
+    python -m benchmarks.packed --setting paper --repeats 10 --steps 300 --contenders solo,pack
     python -m benchmarks.packed --setting host --device cuda model.cuda_graph=true
 
-Writes ``benchmarks/results/packed_<setting>_<device>.{json,md}``. Needs ``DREG_DATA_DIR``.
+Writes ``benchmarks/results/packed_<setting>_<device>[_<contenders>].{json,md}`` (the
+contenders named when fewer than all three). Needs ``DREG_DATA_DIR``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ SETTINGS = {
     "host": {"latent": 2, "hidden": [8], "k": 4, "m": 48, "steps": 400},
     "paper": {"latent": 50, "hidden": [200, 200], "k": 64, "m": 4, "steps": 100},
 }
+CONTENDERS = ("solo", "pack", "loop")
 # The paper's grid as the issue counts it: 48 runs of 5M steps each.
 GRID_MODEL_STEPS = 48 * 5_000_000
 
@@ -131,22 +134,25 @@ def markdown(results: dict) -> str:
         "| contender | model-steps/s (each repetition) | median | ms per model-step |",
         "|---|---|---|---|",
     ]
-    for name, rates in results["rates"].items():
-        each = ", ".join(f"{r:.0f}" for r in rates)
-        lines.append(f"| {name} | {each} | {med[name]:.1f} | {per_step[name]:.2f} |")
-    lines += [
-        "",
-        f"- pack / loop: **{med['pack'] / med['loop']:.2f}x** (in each repetition: "
-        + ", ".join(f"{p / lp:.2f}" for p, lp in zip(results['rates']['pack'],
-                                                     results['rates']['loop'], strict=True))
-        + ")",
-        f"- a packed job's step / its step alone: **{per_step['pack'] / per_step['solo']:.2f}x** "
-        "(in each repetition: "
-        + ", ".join(f"{s / p:.2f}" for s, p in zip(results['rates']['solo'],
-                                                   results['rates']['pack'], strict=True))
-        + ")",
-    ]  # fmt: skip
-    if results["name"] == "paper":
+    rates = results["rates"]
+    for name, each in rates.items():
+        shown = ", ".join(f"{r:.1f}" if r < 100 else f"{r:.0f}" for r in each)
+        lines.append(f"| {name} | {shown} | {med[name]:.1f} | {per_step[name]:.2f} |")
+    lines.append("")
+    if "pack" in rates and "loop" in rates:
+        lines.append(
+            f"- pack / loop: **{med['pack'] / med['loop']:.2f}x** (in each repetition: "
+            + ", ".join(f"{p / lp:.2f}" for p, lp in zip(rates["pack"], rates["loop"], strict=True))
+            + ")"
+        )
+    if "pack" in rates and "solo" in rates:
+        ratio = per_step["pack"] / per_step["solo"]
+        lines.append(
+            f"- a packed job's step / its step alone: **{ratio:.2f}x** (in each repetition: "
+            + ", ".join(f"{s / p:.2f}" for s, p in zip(rates["solo"], rates["pack"], strict=True))
+            + ")"
+        )
+    if results["name"] == "paper" and "pack" in rates:
         lines.append(f"- the paper's grid (48 runs x 5M steps) at the pack's rate: "
                      f"{GRID_MODEL_STEPS / med['pack'] / 3600:,.0f} hours of this process")
     lines.append("")
@@ -160,11 +166,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, help="steps per job (default: the setting's)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help="a comma-separated subset of solo,pack,loop (results file named by "
+                        "it unless all three)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="more train.py overrides (solo and pack)")
     args = parser.parse_args()
     setting = SETTINGS[args.setting]
     steps = args.steps or setting["steps"]
-    rates: dict[str, list[float]] = {"solo": [], "pack": [], "loop": []}
+    chosen = args.contenders.split(",")
+    if not chosen or any(c not in CONTENDERS for c in chosen):
+        parser.error(f"--contenders={args.contenders}: name some of {','.join(CONTENDERS)}")
+    rates: dict[str, list[float]] = {c: [] for c in CONTENDERS if c in chosen}
     for repeat in range(args.repeats):
         for contender in rates:
             row = measure(
@@ -181,7 +193,10 @@ def main() -> None:
         "rates": rates,
         "median": {c: statistics.median(r) for c, r in rates.items()},
     }
-    write_results(f"packed_{args.setting}_{args.device}", results, markdown(results))
+    name = f"packed_{args.setting}_{args.device}"
+    if len(rates) < len(CONTENDERS):
+        name += "_" + "_".join(rates)
+    write_results(name, results, markdown(results))
 
 
 if __name__ == "__main__":
