@@ -42,6 +42,20 @@ def test_compiled_step_matches_eager():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def assert_close_up_to_adam_sign_flips(got, want, lr: float, steps: int) -> None:
+    """Parameters equal to float32 round-off, except where Adam amplified it: a coordinate
+    whose gradient is about zero moves by about ``lr`` per step whatever the sign of its
+    round-off, so a rare coordinate (at most one in a thousand here) may differ by up to
+    ``2 lr`` per step, and none by more."""
+    far, total = 0, 0
+    for b, a in zip(got, want, strict=True):
+        off = ~torch.isclose(b, a, rtol=1e-5, atol=1e-6)
+        far, total = far + int(off.sum()), total + a.numel()
+        gap = (b - a).abs()[off]
+        assert (gap <= 2 * lr * steps).all(), f"{gap.max():.3g} beyond Adam's 2 lr per step"
+    assert far <= total // 1000, f"{far} of {total} parameters beyond float32 round-off"
+
+
 def _stacked(name: str, size: int = 2):
     """A pack's stacked step over ``size`` tiny jobs (as dreg.pack builds it)."""
     import functools
@@ -99,8 +113,8 @@ def test_the_compiled_step_is_the_eager_step_without_graph_breaks(layout, name):
         for _ in range(4):
             replicas.step(images, _split, Tensor.backward)
     assert eager.faults() == compiled.faults() == ([-1] * (size - 1) + [2], [0] * (size - 1) + [1])
+    assert_close_up_to_adam_sign_flips(compiled.leaves, eager.leaves, lr=3e-4, steps=4)
     for a, b in zip(eager.leaves, compiled.leaves, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         for key, value in eager.optimizer.state[a].items():
             torch.testing.assert_close(compiled.optimizer.state[b][key], value,
                                        rtol=1e-4, atol=1e-5)  # fmt: skip
