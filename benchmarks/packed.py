@@ -121,8 +121,9 @@ def markdown(results: dict) -> str:
     ctx, s, med = results["context"], results["setting"], results["median"]
     per_step = {c: 1000 / med[c] for c in med}  # ms per model-step
     lines = [
-        f"# Packs through the CLI against the independent batched loop ({ctx['device_name']}, "
-        f"torch {ctx['torch']})",
+        "# Packs through the CLI"
+        + (" against the independent batched loop" if "loop" in results["rates"] else "")
+        + f" ({ctx['device_name']}, torch {ctx['torch']})",
         "",
         f"{ctx['when']}; setting `{results['name']}`: latent {s['latent']}, hidden "
         f"{s['hidden']}, K {s['k']}, batch 32, DReG-IWAE, Adam; pack of M = {s['m']}; "
