@@ -210,12 +210,8 @@ class Cohorts:
         return cohorts
 
     def _stacks(self, alike: list[Request]) -> list[list[Request]]:
-        """Jobs that could share one stacked model, in stacks of ``replicas_per_pass``
-        (:func:`replicas_per_pass`); a compiled or captured step stays one graph for all."""
-        jobs = [r.job for r in alike]
-        if len(jobs) == 1 or jobs[0].compiles_step() or all(j.wants_captured_step() for j in jobs):
-            return [alike]
-        size = replicas_per_pass(self.per_pass_setting, jobs, alike[0].group)
+        """Jobs that could share one stacked model, in stacks of :func:`replicas_per_pass`."""
+        size = replicas_per_pass(self.per_pass_setting, [r.job for r in alike], alike[0].group)
         return [alike[i : i + size] for i in range(0, len(alike), size)]
 
     def _log_stacks(self, sizes: list[int]) -> None:
@@ -262,7 +258,10 @@ def replicas_per_pass(setting: int | str, jobs: Sequence[TrainingJob], group: Ba
     ``[K, B, D]`` takes ``OWN_PASS_BYTES``: a stack of such replicas outgrows the cache and
     costs more per replica than one alone (the paper model, M = 4: a packed job's step 1.20x
     its step alone in one stack), while small replicas gain from sharing a step (tiny model,
-    M = 48: 925 model-steps/s in one stack, ~430 one at a time)."""
+    M = 48: 925 model-steps/s in one stack, ~430 one at a time). A compiled or captured step
+    stays one graph for all of them."""
+    if _one_graph(jobs):
+        return len(jobs)
     if setting != "auto":
         return min(int(setting), len(jobs))
     first = next(jobs[0].net.parameters())
@@ -273,12 +272,18 @@ def replicas_per_pass(setting: int | str, jobs: Sequence[TrainingJob], group: Ba
     return 1 if k * batch * width * first.element_size() >= OWN_PASS_BYTES else len(jobs)
 
 
+def _one_graph(jobs: Sequence[TrainingJob]) -> bool:
+    """The jobs' step is compiled (every job of a group is alike: :func:`cohort_key`) or
+    captured as one CUDA graph (every job wants it)."""
+    return jobs[0].compiles_step() or all(job.wants_captured_step() for job in jobs)
+
+
 def _build_cohort(jobs: list[TrainingJob], group: BatchGroup) -> Cohort:
     """One stacked model for ``jobs``; a cohort of one trains in place, as a run alone."""
     optimizers = [job.training_optimizer() for job in jobs]
     settings = jobs[0].step_settings()
     compiled = jobs[0].compiles_step()  # every job of a cohort does (cohort_key)
-    captured = not compiled and all(job.wants_captured_step() for job in jobs)
+    captured = not compiled and _one_graph(jobs)
     if len(jobs) == 1:
         replicas = Replicas.alone(jobs[0], optimizers[0], jobs[0].noise, **settings)
         backward = jobs[0].lone_backward()
